@@ -1,0 +1,248 @@
+"""Everything AGVM needs to know about a DeepSpeed engine, in one place.
+
+The AGVM optimizer is a plain ``torch.optim.Optimizer`` that DeepSpeed wraps. What differs between
+ZeRO stages and precisions -- how many times the inner ``step()`` runs per optimizer step, whether
+its gradients are partitioned, by what the gradients were scaled and clipped -- is answered here
+and nowhere else. These are DeepSpeed internals; they were read in the source of the version pinned
+below and are checked against brute force by ``tests/test_agvm_deepspeed.py`` for every stage, so an
+upgrade that changes them fails loudly there and here.
+
+How the wrapper sees gradients, per engine kind (``EngineKind``):
+
+================  =============================  =================  ==========================
+kind              engine.optimizer               inner calls/step   inner ``p.grad``
+================  =============================  =================  ==========================
+CLIENT            the AGVM optimizer (Z0 fp32)   1                  full, replicated
+FP16_UNFUSED      FP16_UnfusedOptimizer (Z0 bf16) 1                 full fp32 masters, replicated
+BF16              BF16_Optimizer                 1                  flat partition per group
+ZERO_1_2          DeepSpeedZeroOptimizer         1 per group        flat partition of the group
+ZERO_3            DeepSpeedZeroOptimizer_Stage3  1 per sub-group    flat partition of the sub-group
+================  =============================  =================  ==========================
+
+Inner gradients are averaged, unscaled and clipped: g_inner = G * hook_scale / (c * loss_scale_now)
+where c = max(1, (norm + 1e-6) / clip) is DeepSpeed's clip coefficient. Tensor hooks on the
+parameters see the local micro-batch gradient times hook_scale / gradient_accumulation_steps.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "initialize", "save_checkpoint", "load_checkpoint"]
+
+SUPPORTED_DEEPSPEED = ("0.19.",)
+"""DeepSpeed release series whose internals this adapter was checked against."""
+
+
+class EngineKind(enum.Enum):
+    CLIENT = "client"
+    FP16_UNFUSED = "fp16_unfused"
+    BF16 = "bf16"
+    ZERO_1_2 = "zero_1_2"
+    ZERO_3 = "zero_3"
+
+
+def _check_version() -> None:
+    import deepspeed
+
+    if not deepspeed.__version__.startswith(SUPPORTED_DEEPSPEED):
+        raise RuntimeError(
+            f"agvm_ds was checked against DeepSpeed {SUPPORTED_DEEPSPEED} internals, found "
+            f"{deepspeed.__version__}; run tests/test_agvm_deepspeed.py before widening SUPPORTED_DEEPSPEED"
+        )
+
+
+class DeepSpeedView:
+    """The facts about one engine that the AGVM optimizer relies on."""
+
+    def __init__(self, engine, client_optimizer: torch.optim.Optimizer) -> None:
+        _check_version()
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        self.engine = engine
+        inner = engine.optimizer
+        if inner is client_optimizer:
+            self.kind = EngineKind.CLIENT
+        elif isinstance(inner, FP16_UnfusedOptimizer):
+            if engine.fp16_enabled():
+                # engine.backward scales the loss only for ZeRO optimizers, yet this optimizer divides
+                # by its loss scale: every gradient would be off by the scale (DeepSpeed 0.19.8).
+                raise ValueError(
+                    "AGVM: fp16 with ZeRO stage 0 is not supported: DeepSpeed's FP16_UnfusedOptimizer "
+                    "mis-scales gradients of a client optimizer. Use bf16, or fp16 with ZeRO stage >= 1."
+                )
+            self.kind = EngineKind.FP16_UNFUSED
+        elif isinstance(inner, BF16_Optimizer):
+            self.kind = EngineKind.BF16
+        elif isinstance(inner, DeepSpeedZeroOptimizer_Stage3):
+            self.kind = EngineKind.ZERO_3
+        elif isinstance(inner, DeepSpeedZeroOptimizer):
+            self.kind = EngineKind.ZERO_1_2
+        else:
+            raise ValueError(f"AGVM: unsupported DeepSpeed optimizer {type(inner).__name__}")
+        if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None or getattr(
+            inner, "torch_autocast_gradscaler", None
+        ):
+            raise ValueError("AGVM: DeepSpeed's torch_autocast mode is not supported; use the bf16 or fp16 sections")
+
+        import deepspeed.comm as dist
+
+        self.dp_group = engine.seq_data_parallel_group
+        self.dp_world_size = int(engine.dp_world_size)
+        self.dp_rank = dist.get_rank(group=self.dp_group)
+        self.device = torch.device(engine.device)
+        self.grad_accumulation_steps = int(engine.gradient_accumulation_steps())
+        self.clip = float(engine.gradient_clipping() or 0.0)
+        self.grads_partitioned = self.kind in (EngineKind.BF16, EngineKind.ZERO_1_2, EngineKind.ZERO_3)
+        if self.kind is EngineKind.ZERO_1_2:
+            self.inner_calls_per_step = len(inner.bit16_groups)
+        elif self.kind is EngineKind.ZERO_3:
+            self.inner_calls_per_step = len(inner.fp16_groups)
+        else:
+            self.inner_calls_per_step = 1
+        self._client_grad_norm: Optional[float] = None
+        if self.kind is EngineKind.CLIENT and self.clip > 0:
+            self._record_client_clip_norm()
+
+    # --- step bookkeeping -------------------------------------------------------------------
+
+    def window(self) -> int:
+        """Identifies the accumulation window a backward pass belongs to (steps started so far).
+
+        ``global_steps`` advances on every boundary, also when fp16 overflow skips the update, so a
+        window whose step was skipped is never mixed into the next one.
+        """
+        return int(self.engine.global_steps)
+
+    @property
+    def num_micro_batches(self) -> int:
+        """M: micro-batch gradients averaged into one optimizer step."""
+        return self.dp_world_size * self.grad_accumulation_steps
+
+    # --- gradient scales --------------------------------------------------------------------
+
+    def loss_scale(self) -> float:
+        """The loss scale engine.backward multiplies the loss by right now (1 without fp16)."""
+        inner = self.engine.optimizer
+        if self.kind in (EngineKind.ZERO_1_2, EngineKind.ZERO_3, EngineKind.FP16_UNFUSED):
+            return float(inner.loss_scale)
+        return 1.0
+
+    def hook_grad_multiplier(self, window_loss_scale: float) -> float:
+        """Turns a gradient seen by a tensor hook into the local micro-batch gradient."""
+        backward_scale = window_loss_scale if self.kind in (EngineKind.ZERO_1_2, EngineKind.ZERO_3) else 1.0
+        return self.grad_accumulation_steps / backward_scale
+
+    def inner_grad_multiplier(self, window_loss_scale: float) -> float:
+        """Turns a gradient seen by the inner step into the averaged, unclipped gradient G.
+
+        Call only inside the inner step, where DeepSpeed has set the global norm of this step.
+        """
+        inner = self.engine.optimizer
+        scale_now = self.loss_scale()
+        if self.kind is EngineKind.CLIENT:
+            norm = self._client_grad_norm
+        elif self.kind is EngineKind.ZERO_1_2:
+            # _global_grad_norm was divided by the scale before the update, the clip uses the one after.
+            norm = float(inner._global_grad_norm) * window_loss_scale / scale_now
+        elif self.kind is EngineKind.FP16_UNFUSED:
+            norm = float(inner._global_grad_norm) / scale_now
+        else:
+            norm = float(inner._global_grad_norm)
+        clip_coefficient = max(1.0, (norm + 1e-6) / self.clip) if self.clip > 0 and norm is not None else 1.0
+        if self.kind in (EngineKind.ZERO_1_2, EngineKind.ZERO_3):
+            return clip_coefficient * scale_now / window_loss_scale
+        return clip_coefficient
+
+    def _record_client_clip_norm(self) -> None:
+        """ZeRO-0 fp32 clips in engine.clip_fp32_gradients and drops the norm; keep it."""
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        engine = self.engine
+
+        def clip_fp32_gradients() -> None:
+            norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=self.clip, mpu=engine.mpu)
+            self._client_grad_norm = float(norm)
+
+        engine.clip_fp32_gradients = clip_fp32_gradients
+
+    # --- communication and logging ----------------------------------------------------------
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums a small tensor over the data-parallel ranks, logged as ``agvm_stats`` by the comms logger."""
+        import deepspeed.comm as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group, log_name="agvm_stats")
+        return tensor
+
+    def write_monitor(self, events: Iterable[tuple[str, float]]) -> None:
+        """Writes scalars through DeepSpeed's monitor (TensorBoard/CSV/W&B), when one is enabled."""
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not monitor.enabled:
+            return
+        step = int(self.engine.global_samples)
+        monitor.write_events([(tag, value, step) for tag, value in events])
+
+
+# --- public entry points ------------------------------------------------------------------------
+
+CLIENT_STATE_KEY = "agvm"
+
+
+def initialize(
+    model: nn.Module,
+    optimizer: "AGVM",
+    config: Union[str, os.PathLike, dict[str, Any]],
+    **kwargs: Any,
+):
+    """``deepspeed.initialize`` for an AGVM optimizer, then ``optimizer.attach(engine)``.
+
+    DeepSpeed accepts a client optimizer under ZeRO only if its type is whitelisted or
+    ``zero_allow_untested_optimizer`` is set; AGVM is not on the list, so the key is set here.
+    Returns what ``deepspeed.initialize`` returns: (engine, optimizer, dataloader, lr_scheduler).
+    """
+    import deepspeed
+
+    if not isinstance(config, dict):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    config = {"zero_allow_untested_optimizer": True, **config}
+    engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, **kwargs
+    )
+    optimizer.attach(engine)
+    return engine, ds_optimizer, dataloader, scheduler
+
+
+def _agvm_of(engine) -> "AGVM":
+    from .optimizer import AGVM
+
+    optimizer = engine.basic_optimizer
+    if not isinstance(optimizer, AGVM):
+        raise TypeError(f"engine's client optimizer is {type(optimizer).__name__}, not AGVM")
+    return optimizer
+
+
+def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> None:
+    """``engine.save_checkpoint`` with the AGVM state (EMA factors, counters) in the client state."""
+    client_state = {**(client_state or {}), CLIENT_STATE_KEY: _agvm_of(engine).agvm_state_dict()}
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+
+
+def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, **kwargs: Any) -> tuple[Optional[str], dict]:
+    """``engine.load_checkpoint`` that also restores the AGVM state; returns (path, client_state)."""
+    path, client_state = engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint found in {load_dir!r} (tag={tag!r})")
+    if CLIENT_STATE_KEY not in client_state:
+        raise KeyError(f"checkpoint {path!r} has no AGVM state (client_state key {CLIENT_STATE_KEY!r})")
+    _agvm_of(engine).load_agvm_state_dict(client_state.pop(CLIENT_STATE_KEY))
+    return path, client_state

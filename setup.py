@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="agvm-ds",
+    version="0.1.0",
+    description="Large-batch training of dense visual predictors with AGVM on DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["agvm_ds", "agvm_ds.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "deepspeed>=0.19.8,<0.20",
+        "timm>=1.0",
+        "pycocotools>=2.0.7",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "agvm-train=agvm_ds.engine.cli:main",
+            "agvm-model-info=agvm_ds.detection.summary:main",
+            "agvm-plot=agvm_ds.engine.plots:main",
+        ]
+    },
+)

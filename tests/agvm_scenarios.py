@@ -1,0 +1,227 @@
+"""Training scenarios run on real DeepSpeed CPU ranks by tests/test_agvm_deepspeed.py.
+
+Module-level functions so spawned ranks can import them. Each scenario trains a small model with
+three AGVM modules (one of them shared, like torchvision's RPN head across FPN levels) and returns
+plain data that the tests assert on.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from agvm_ds import AGVM, AGVMConfig, module_param_groups
+from agvm_ds.agvm import (
+    GradientMoments,
+    GradientVarianceModulator,
+    initialize,
+    load_checkpoint,
+    moments_from_gradients,
+    save_checkpoint,
+)
+
+MODULES = {"backbone": ["backbone"], "neck": ["neck"], "head": ["head"]}
+MICRO_BATCH = 8
+
+
+class ToyDetector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32))
+        self.neck = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.tanh(self.neck(torch.tanh(self.backbone(x))))
+        return self.head(features) + self.head(0.5 * features)  # a head shared by two "levels"
+
+
+def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1_000_003 * step + 1009 * rank + micro)
+    x = torch.randn(MICRO_BATCH, 8, generator=g)
+    y = torch.cat([x[:, :2] * 2.0, x[:, 2:4].sin()], dim=1) + 0.3 * torch.randn(MICRO_BATCH, 4, generator=g)
+    return x, y
+
+
+def ds_config(stage: int, dtype: str, gas: int, clip: float, scale_power: int = 8) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": scale_power, "loss_scale_window": 3},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def allow_cpu_fp16() -> None:
+    """DeepSpeed's CPU accelerator reports no fp16 support, though torch computes fp16 on CPU.
+
+    Lifting that one capability flag runs DeepSpeed's real fp16 path (dynamic loss scaling,
+    overflow skipping, unscaling) on CPU ranks, which is what the AGVM tests need to check.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+
+
+def build(case: dict[str, Any]):
+    if case.get("dtype") == "fp16":
+        allow_cpu_fp16()
+    torch.manual_seed(0)
+    model = ToyDetector()
+    reference = copy.deepcopy(model)
+    groups = module_param_groups(model, MODULES, weight_decay=1e-4)
+    if case.get("optimizer", "sgd") == "sgd":
+        base = torch.optim.SGD(groups, lr=case.get("lr", 0.05), momentum=0.9)
+    else:
+        base = torch.optim.AdamW(groups, lr=case.get("lr", 0.01))
+    agvm_config = AGVMConfig(interval=case.get("interval", 2), ema=case.get("ema", 0.5), start_iter=case.get("start", 0))
+    optimizer = AGVM(base, agvm_config)
+    engine, _, _, scheduler = initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config(case["stage"], case.get("dtype", "fp32"), case.get("gas", 1), case.get("clip", 0.0),
+                         case.get("scale_power", 8)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.05 * s)),
+    )
+    return engine, optimizer, reference
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+
+
+def reference_moments(engine, reference: nn.Module, step: int, rank: int, world: int, gas: int) -> dict[str, tuple]:
+    """Brute force: every micro-batch gradient of the step, all-gathered, in fp32."""
+    reference.load_state_dict(full_params(engine))
+    per_module: dict[str, list[torch.Tensor]] = {m: [] for m in MODULES}
+    for micro in range(gas):
+        x, y = micro_batch(step, rank, micro)
+        reference.zero_grad()
+        nn.functional.mse_loss(reference(x), y).backward()
+        for module in MODULES:
+            flat = torch.cat([p.grad.reshape(-1) for p in getattr(reference, module).parameters()])
+            per_module[module].append(flat)
+    result = {}
+    for module, grads in per_module.items():
+        local = torch.stack(grads)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        tdist.all_gather(gathered, local)
+        result[module] = moments_from_gradients(torch.cat(gathered))
+    return result
+
+
+def train(rank: int, world: int, case: dict[str, Any], steps: int, check: bool,
+          save_dir: Optional[str] = None, save_at: Optional[int] = None, resume: bool = False) -> dict[str, Any]:
+    engine, optimizer, reference = build(case)
+    gas = case.get("gas", 1)
+    if resume:
+        load_checkpoint(engine, save_dir)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.get("dtype", "fp32")]
+    replay = GradientVarianceModulator(list(MODULES), optimizer.config)
+    records = []
+    while engine.global_steps < steps:
+        step, skipped = engine.global_steps, engine.skipped_steps
+        measuring = optimizer._collecting
+        expected = reference_moments(engine, reference, step, rank, world, gas) if check and measuring else None
+        for micro in range(gas):
+            x, y = micro_batch(step, rank, micro)
+            loss = nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+            engine.backward(loss)
+            engine.step()
+        if expected is not None and engine.skipped_steps == skipped:
+            got = optimizer.last_moments
+            names = optimizer.module_names
+            ref_a = torch.tensor([expected[m][0] for m in names], dtype=torch.float64)
+            ref_b = torch.tensor([expected[m][1] for m in names], dtype=torch.float64)
+            replay.update(GradientMoments(ref_a, ref_b, world * gas))
+            records.append({
+                "step": step, "A": got.mean_sq_norm.clone(), "B": got.sq_norm_of_mean.clone(),
+                "ref_A": ref_a, "ref_B": ref_b, "factors": optimizer.modulator.factors.clone(),
+                "replay_factors": replay.factors.clone(), "grad_norm": float(ref_b.sum().sqrt()),
+            })
+        if save_at is not None and engine.global_steps == save_at:
+            save_checkpoint(engine, save_dir)
+            break
+    return {
+        "records": records,
+        "params": full_params(engine),
+        "agvm": optimizer.agvm_state_dict(),
+        "factors": optimizer.factors,
+        "lrs": [g["lr"] for g in optimizer.param_groups],
+        "scheduled_lrs": engine.lr_scheduler.get_last_lr(),
+        "num_micro_batches": optimizer._view.num_micro_batches,
+        "skipped_steps": engine.skipped_steps,
+        "iteration": optimizer.iteration,
+    }
+
+
+def train_cases(rank: int, world: int, cases: list[dict[str, Any]], steps: int, check: bool) -> list[dict[str, Any]]:
+    return [train(rank, world, case, steps, check) for case in cases]
+
+
+def resume_cases(rank: int, world: int, cases: list[dict[str, Any]], steps: int, save_at: int,
+                 root: str, resume: bool) -> list[dict[str, Any]]:
+    return [
+        train(rank, world, case, steps, check=False, save_dir=f"{root}/case{i}",
+              save_at=None if resume else save_at, resume=resume)
+        for i, case in enumerate(cases)
+    ]
+
+
+def expect_error(rank: int, world: int, case: dict[str, Any]) -> str:
+    try:
+        build(case)
+    except Exception as error:  # the message is what the test checks
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+class KnownNoise(nn.Module):
+    """loss = sum_i <w_i, x_i>: the gradient of module i is x_i, whose mean and covariance we choose."""
+
+    DIM = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Parameter(torch.zeros(self.DIM))
+        self.neck = nn.Parameter(torch.zeros(self.DIM))
+        self.head = nn.Parameter(torch.zeros(self.DIM))
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        return (xs[:, 0] * self.backbone).sum(1) + (xs[:, 1] * self.neck).sum(1) + (xs[:, 2] * self.head).sum(1)
+
+
+KNOWN_MEAN = (1.0, 1.0, 1.0)
+KNOWN_STD = (4.0, 1.0, 0.7)  # per coordinate, of one micro-batch gradient
+
+
+def known_noise(rank: int, world: int, steps: int, gas: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = KnownNoise()
+    groups = module_param_groups(model, MODULES, no_decay_1d=False)
+    optimizer = AGVM(torch.optim.SGD(groups, lr=1e-3), AGVMConfig(interval=1, ema=0.9))
+    engine, _, _, _ = initialize(
+        model=model, optimizer=optimizer,
+        config={"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
+                "zero_optimization": {"stage": 2}, "steps_per_print": 10**9},
+    )
+    mean = torch.tensor(KNOWN_MEAN).view(1, 3, 1)
+    std = torch.tensor(KNOWN_STD).view(1, 3, 1)
+    for step in range(steps):
+        for micro in range(gas):
+            g = torch.Generator().manual_seed(7919 * step + 131 * rank + micro)
+            xs = mean + std * torch.randn(1, 3, KnownNoise.DIM, generator=g)
+            engine.backward(engine(xs).sum())
+            engine.step()
+    return optimizer.factors
