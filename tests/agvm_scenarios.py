@@ -81,7 +81,8 @@ def build(case: dict[str, Any]):
         base = torch.optim.SGD(groups, lr=case.get("lr", 0.05), momentum=0.9)
     else:
         base = torch.optim.AdamW(groups, lr=case.get("lr", 0.01))
-    agvm_config = AGVMConfig(interval=case.get("interval", 2), ema=case.get("ema", 0.5), start_iter=case.get("start", 0))
+    agvm_config = AGVMConfig(interval=case.get("interval", 1 if case.get("precondition") else 2), ema=case.get("ema", 0.5),
+                             start_iter=case.get("start", 0), precondition=case.get("precondition", False))
     optimizer = AGVM(base, agvm_config)
     engine, _, _, scheduler = initialize(
         model=model,
@@ -101,17 +102,32 @@ def full_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
 
-def reference_moments(engine, reference: nn.Module, step: int, rank: int, world: int, gas: int) -> dict[str, tuple]:
-    """Brute force: every micro-batch gradient of the step, all-gathered, in fp32."""
+def full_second_moments(optimizer: AGVM) -> dict[int, torch.Tensor]:
+    """ZeRO-0 only: Adam's exp_avg_sq of every parameter, which every rank holds whole."""
+    view = optimizer._view
+    assert not view.grads_partitioned
+    return {id(p): view.local_second_moment(p)[2].detach().float().clone() for p, _, _ in optimizer._param_modules}
+
+
+def reference_moments(engine, optimizer: AGVM, reference: nn.Module, step: int, rank: int, world: int, gas: int,
+                      same_data: bool = False) -> dict[str, tuple]:
+    """Brute force: every micro-batch gradient of the step, all-gathered, in fp32 (preconditioned if asked)."""
     reference.load_state_dict(full_params(engine))
+    preconditioner = None
+    if optimizer.config.precondition:
+        v = full_second_moments(optimizer)
+        preconditioner = {
+            module: torch.cat([1.0 / (v[id(p)].sqrt() + 1e-8) for p in getattr(engine.module, module).parameters()])
+            for module in MODULES
+        }
     per_module: dict[str, list[torch.Tensor]] = {m: [] for m in MODULES}
     for micro in range(gas):
-        x, y = micro_batch(step, rank, micro)
+        x, y = micro_batch(step, 0 if same_data else rank, micro)
         reference.zero_grad()
         nn.functional.mse_loss(reference(x), y).backward()
         for module in MODULES:
             flat = torch.cat([p.grad.reshape(-1) for p in getattr(reference, module).parameters()])
-            per_module[module].append(flat)
+            per_module[module].append(flat if preconditioner is None else flat * preconditioner[module])
     result = {}
     for module, grads in per_module.items():
         local = torch.stack(grads)
@@ -133,23 +149,26 @@ def train(rank: int, world: int, case: dict[str, Any], steps: int, check: bool,
     while engine.global_steps < steps:
         step, skipped = engine.global_steps, engine.skipped_steps
         measuring = optimizer._collecting
-        expected = reference_moments(engine, reference, step, rank, world, gas) if check and measuring else None
+        same_data = case.get("same_data", False)
+        expected = (reference_moments(engine, optimizer, reference, step, rank, world, gas, same_data)
+                    if case.get("check", check) and measuring else None)
         for micro in range(gas):
-            x, y = micro_batch(step, rank, micro)
+            x, y = micro_batch(step, 0 if same_data else rank, micro)
             loss = nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
             engine.backward(loss)
             engine.step()
-        if expected is not None and engine.skipped_steps == skipped:
+        if measuring and engine.skipped_steps == skipped:
             got = optimizer.last_moments
-            names = optimizer.module_names
-            ref_a = torch.tensor([expected[m][0] for m in names], dtype=torch.float64)
-            ref_b = torch.tensor([expected[m][1] for m in names], dtype=torch.float64)
-            replay.update(GradientMoments(ref_a, ref_b, world * gas))
-            records.append({
-                "step": step, "A": got.mean_sq_norm.clone(), "B": got.sq_norm_of_mean.clone(),
-                "ref_A": ref_a, "ref_B": ref_b, "factors": optimizer.modulator.factors.clone(),
-                "replay_factors": replay.factors.clone(), "grad_norm": float(ref_b.sum().sqrt()),
-            })
+            record = {"step": step, "A": got.mean_sq_norm.clone(), "B": got.sq_norm_of_mean.clone(),
+                      "factors": optimizer.modulator.factors.clone()}
+            if expected is not None:
+                names = optimizer.module_names
+                ref_a = torch.tensor([expected[m][0] for m in names], dtype=torch.float64)
+                ref_b = torch.tensor([expected[m][1] for m in names], dtype=torch.float64)
+                replay.update(GradientMoments(ref_a, ref_b, world * gas))
+                record.update(ref_A=ref_a, ref_B=ref_b, replay_factors=replay.factors.clone(),
+                              grad_norm=float(ref_b.sum().sqrt()))
+            records.append(record)
         if save_at is not None and engine.global_steps == save_at:
             save_checkpoint(engine, save_dir)
             break

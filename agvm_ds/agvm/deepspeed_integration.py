@@ -108,6 +108,16 @@ class DeepSpeedView:
             self.inner_calls_per_step = len(inner.fp16_groups)
         else:
             self.inner_calls_per_step = 1
+        self.client_optimizer = client_optimizer
+        self.preconditioner_partitioned = self.grads_partitioned
+        self._masters = {}
+        if self.kind is EngineKind.ZERO_1_2:
+            self._flat_fp32_partitions = inner.single_partition_of_fp32_groups
+        elif self.kind is EngineKind.BF16:
+            self._flat_fp32_partitions = inner.fp32_groups_flat_partition
+        if self.kind is EngineKind.FP16_UNFUSED:
+            for lp_group, hp_group in zip(inner.fp16_groups, inner.fp32_groups):
+                self._masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
         self._client_grad_norm: Optional[float] = None
         if self.kind is EngineKind.CLIENT and self.clip > 0:
             self._record_client_clip_norm()
@@ -173,6 +183,42 @@ class DeepSpeedView:
             self._client_grad_norm = float(norm)
 
         engine.clip_fp32_gradients = clip_fp32_gradients
+
+    def local_second_moment(self, param: torch.Tensor) -> Optional[tuple[int, int, Optional[torch.Tensor]]]:
+        """The Adam ``exp_avg_sq`` this rank holds for ``param``, as (start, numel, values).
+
+        start/numel locate the values in the flattened parameter. ZeRO-0 holds every coordinate;
+        ZeRO-1/2/3 hold only this rank's partition (numel 0 where it holds none). None where the
+        optimizer has not created the state yet (before its first step).
+        """
+        if self.kind in (EngineKind.CLIENT, EngineKind.FP16_UNFUSED):
+            holder = self._masters[id(param)] if self.kind is EngineKind.FP16_UNFUSED else param
+            v = self.client_optimizer.state.get(holder, {}).get("exp_avg_sq")
+            return None if v is None else (0, v.numel(), v.reshape(-1))
+        if self.kind is EngineKind.ZERO_3:
+            from deepspeed.utils import safe_get_local_optimizer_state
+
+            partition = param.partition_numel()
+            start = self.dp_rank * partition
+            numel = max(0, min(partition, param.ds_numel - start))
+            if numel == 0:
+                return (start, 0, None)
+            try:
+                v = safe_get_local_optimizer_state(param, "exp_avg_sq")
+            except (KeyError, ValueError):
+                return None
+            return (start, numel, v.reshape(-1)[:numel])
+        mapping = getattr(param, "_hp_mapping", None)  # BF16_Optimizer, ZeRO-1/2: None = no fragment here
+        if mapping is None:
+            return (0, 0, None)
+        # Not mapping.optim_fragment: DeepSpeed 0.19.8 links it after the first group's first step,
+        # when later groups have no state yet, and never again. Read the flat partition's state.
+        flat_partition = self._flat_fp32_partitions[mapping.param_group_index]
+        v = self.client_optimizer.state.get(flat_partition, {}).get("exp_avg_sq")
+        if v is None:
+            return None
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        return (lp.start, lp.numel, v.narrow(0, hp.start, hp.numel))
 
     # --- communication and logging ----------------------------------------------------------
 

@@ -61,7 +61,7 @@ class AGVM(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = {}
 
         module_names: list[str] = []
-        self._param_modules: list[tuple[torch.Tensor, int]] = []
+        self._param_modules: list[tuple[torch.Tensor, int, float]] = []
         for index, group in enumerate(optimizer.param_groups):
             module = group.get(MODULE_KEY)
             if not isinstance(module, str):
@@ -71,7 +71,7 @@ class AGVM(torch.optim.Optimizer):
                 )
             if module not in module_names:
                 module_names.append(module)
-            self._param_modules += [(p, module_names.index(module)) for p in group["params"]]
+            self._param_modules += [(p, module_names.index(module), group.get("eps", 1e-8)) for p in group["params"]]
         self.modulator = GradientVarianceModulator(module_names, self.config)
         self._module_index = {name: i for i, name in enumerate(module_names)}
 
@@ -143,11 +143,18 @@ class AGVM(torch.optim.Optimizer):
                 "AGVM: one micro-batch gradient per step (1 data-parallel rank, no gradient accumulation): "
                 "gradient variance cannot be estimated, all factors stay 1"
             )
-        for param, module_index in self._param_modules:
-            self._hook_handles.append(param.register_hook(self._make_grad_hook(module_index)))
+        if self.config.precondition and not all("betas" in g for g in self.param_groups):
+            raise ValueError(
+                "AGVM: precondition=True needs an Adam-type base optimizer (exp_avg_sq state), "
+                f"got {type(self.base_optimizer).__name__}"
+            )
+        for param, module_index, eps in self._param_modules:
+            self._hook_handles.append(param.register_hook(self._make_grad_hook(param, module_index, eps)))
         self._collecting = self._is_measuring(self.iteration)
 
     def _is_measuring(self, iteration: int) -> bool:
+        if self.config.precondition and iteration == 0:
+            return False  # no second moment before the first step
         return self.config.is_stats_iter(iteration) and self._view is not None and self._view.num_micro_batches >= 2
 
     def _reset_accumulators(self) -> None:
@@ -157,7 +164,7 @@ class AGVM(torch.optim.Optimizer):
         self._window_loss_scale = 1.0
         self._hook_multiplier = 1.0
 
-    def _make_grad_hook(self, module_index: int) -> Callable[[torch.Tensor], None]:
+    def _make_grad_hook(self, param: torch.Tensor, module_index: int, eps: float) -> Callable[[torch.Tensor], None]:
         def accumulate_local_sq_norm(grad: torch.Tensor) -> None:
             if not self._collecting:
                 return
@@ -167,10 +174,27 @@ class AGVM(torch.optim.Optimizer):
                 self._local_sq = torch.zeros(len(self.module_names), dtype=torch.float64, device=grad.device)
                 self._window_loss_scale = self._view.loss_scale()
                 self._hook_multiplier = self._view.hook_grad_multiplier(self._window_loss_scale) ** 2
+            if self.config.precondition:
+                grad = self._preconditioned_local_grad(param, grad, eps)
             sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square() * self._hook_multiplier
             self._local_sq[module_index] += sq
 
         return accumulate_local_sq_norm
+
+    def _preconditioned_local_grad(self, param: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
+        """g / (sqrt(v) + eps) on the coordinates whose v this rank holds (all of them in ZeRO-0).
+
+        With partitioned optimizer state each rank preconditions only the coordinates it owns, so
+        the sum over ranks holds every coordinate once per micro-step: an unbiased, communication-
+        free estimate of the mean ||D g||^2 (``_measure`` divides it by the micro-steps per rank).
+        v is the second moment of the previous step, the same for both moments of one measurement.
+        """
+        held = self._view.local_second_moment(param)
+        if held is None:
+            raise RuntimeError(f"AGVM: precondition=True but no exp_avg_sq for a parameter of shape {tuple(grad.shape)}")
+        start, numel, v = held
+        fragment = grad.reshape(-1).narrow(0, start, numel).float()
+        return fragment if numel == 0 else fragment / (v.sqrt() + eps)
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -215,7 +239,11 @@ class AGVM(torch.optim.Optimizer):
             self._reduced_sq = torch.zeros(len(self.module_names), dtype=torch.float64, device=device)
         multiplier = view.inner_grad_multiplier(self._window_loss_scale) ** 2
         for group in groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if p.grad is not None]
+            if self.config.precondition:  # the step's v is still the previous one, as in the hooks
+                grads = [p.grad.float() / (self.state[p]["exp_avg_sq"].sqrt() + group["eps"]) for p in params]
+            else:
+                grads = [p.grad for p in params]
             if grads:
                 sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
                 self._reduced_sq[self._module_index[group[MODULE_KEY]]] += sq * multiplier
@@ -240,7 +268,9 @@ class AGVM(torch.optim.Optimizer):
             packed[n:] = self._reduced_sq.to(device)
         view.all_reduce_sum(packed)
         packed = packed.cpu()
-        self.last_moments = GradientMoments(packed[:n] / view.num_micro_batches, packed[n:], view.num_micro_batches)
+        stratified = self.config.precondition and view.preconditioner_partitioned
+        samples_summed = view.grad_accumulation_steps if stratified else view.num_micro_batches
+        self.last_moments = GradientMoments(packed[:n] / samples_summed, packed[n:], view.num_micro_batches)
         if self.modulator.update(self.last_moments):
             view.write_monitor(
                 (f"AGVM/{key}/{module}", value)
