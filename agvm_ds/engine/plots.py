@@ -1,0 +1,90 @@
+"""PNG plots of a run from its JSON-lines history: ``agvm-plot RUN_DIR`` or at the end of training.
+
+- ``agvm_phi.png``: per-module gradient variance proxy phi against iteration (the paper's Figure 1);
+- ``agvm_factor.png``: per-module AGVM learning-rate factor against iteration;
+- ``loss.png``: training loss and its components; ``map.png``: COCO AP against iteration.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .run_log import EVAL_FILE, TRAIN_FILE, read_records
+
+__all__ = ["plot_run", "main"]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Writes the plots that the run's records support; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    train = read_records(run_dir / TRAIN_FILE)
+    evals = read_records(run_dir / EVAL_FILE)
+    if not train and not evals:
+        raise FileNotFoundError(f"{run_dir}: no {TRAIN_FILE} or {EVAL_FILE} to plot")
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(run_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(run_dir / name)
+
+    agvm = [r for r in train if r.get("agvm")]
+    modules = list(agvm[0]["agvm"]) if agvm else []
+    for key, name, label, log_scale in (("phi", "agvm_phi.png", "gradient variance proxy phi", True),
+                                        ("factor", "agvm_factor.png", "AGVM lr factor", False)):
+        points = {m: [(r["iteration"], r["agvm"][m][key]) for r in agvm if math.isfinite(r["agvm"][m][key])]
+                  for m in modules}
+        if any(points.values()):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for module, series in points.items():
+                if series:
+                    ax.plot(*zip(*series), label=module)
+            ax.set(xlabel="iteration", ylabel=label, yscale="log" if log_scale else "linear")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            save(fig, name)
+
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        iterations = [r["iteration"] for r in train]
+        ax.plot(iterations, [r["loss"] for r in train], label="loss", linewidth=2)
+        for component in sorted(k for k in train[0] if k.startswith("loss_")):
+            ax.plot(iterations, [r.get(component, math.nan) for r in train], label=component, alpha=0.7)
+        ax.set(xlabel="iteration", ylabel="training loss")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "loss.png")
+
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for iou_type in [k for k in ("bbox", "segm") if k in evals[0]]:
+            for metric in ("AP", "AP50"):
+                ax.plot([r["iteration"] for r in evals], [r[iou_type][metric] for r in evals],
+                        marker="o", label=f"{iou_type} {metric}")
+        ax.set(xlabel="iteration", ylabel="COCO metric")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        save(fig, "map.png")
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="agvm-plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run's output_dir (holds train_log.jsonl / eval_log.jsonl)")
+    args = parser.parse_args(argv)
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""The training loop: a detector, AGVM and DeepSpeed, from one ExperimentConfig.
+
+One process per rank (the ``deepspeed`` launcher, torchrun, Slurm, or a single process). The loop
+reads like the recipe: for each micro-batch, forward, skip a non-finite loss on every rank alike,
+backward, step; at optimizer-step boundaries log, checkpoint; at epoch ends evaluate and plot.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from ..agvm import AGVM, initialize
+from ..detection import build_detector, load_spec
+from ..evaluation import CocoEvaluator, format_coco_summary
+from . import checkpointing
+from .config import ExperimentConfig
+from .data import build_datasets, train_loader, val_loader
+from .optim import build_optimizer, describe
+from .plots import plot_run
+from .run_log import RunLog
+from .schedule import lr_multiplier, peak_lr
+
+__all__ = ["Trainer"]
+
+logger = logging.getLogger("agvm_ds")
+
+
+class Trainer:
+    """Builds everything an experiment names, then ``fit()`` trains, evaluates and checkpoints.
+
+    Args:
+        config: the experiment.
+        resume: ``"auto"`` (continue from the run's last checkpoint if there is one), a checkpoint
+            directory, or None (start fresh; existing checkpoints are overwritten as the run goes).
+    """
+
+    def __init__(self, config: ExperimentConfig, resume: Optional[str] = None) -> None:
+        import deepspeed
+        import deepspeed.comm as dist
+
+        self.config = config
+        self.dist = dist
+        deepspeed.init_distributed(verbose=False)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir = Path(config.output_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        torch.manual_seed(config.seed)
+
+        spec = load_spec(config.model, config.model_overrides)
+        with_masks = spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
+        self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
+        spec = load_spec(config.model, {**config.model_overrides, "num_classes": self.datasets.num_classes + 1})
+        model = build_detector(spec)
+        if config.data.recipe != "none":  # the data pipeline rescales; torchvision's LSJ recipe does the same
+            model.transform._skip_resize = True
+
+        ds_config = self._deepspeed_config()
+        self.gas = ds_config["gradient_accumulation_steps"]
+        self.global_batch = config.data.batch_size_per_rank * self.world * self.gas
+        self.steps_per_epoch = len(self._train_loader(0, 0)) // self.gas
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has fewer micro-batches per rank than gradient_accumulation_steps={self.gas}; "
+                "lower the batch size, the world size or the accumulation"
+            )
+        self.total_iters = config.train.max_iters or config.train.epochs * self.steps_per_epoch
+        lr = peak_lr(config.optimizer, self.global_batch)
+        optimizer = build_optimizer(model, model.agvm_modules, config.optimizer, lr, config.agvm)
+        self.module_params = describe(optimizer)
+        schedule = lr_multiplier(config.schedule, self.total_iters)
+        self.engine, _, _, _ = initialize(
+            model=model, optimizer=optimizer, config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.optimizer: AGVM = optimizer
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
+            torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        self.log = RunLog(self.run_dir, self.is_main)
+        self.epoch, self.batch_in_epoch, self.skipped_nonfinite = 0, 0, 0
+        self.last_metrics: dict[str, Any] = {}
+        checkpoint = checkpointing.resolve_resume(resume, self.run_dir)
+        if checkpoint is not None:
+            state = checkpointing.load(self.engine, checkpoint)
+            self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+            self.skipped_nonfinite = state["skipped_nonfinite"]
+            self.log.truncate_after(self.engine.global_steps)
+            self._info(f"resumed from {checkpoint} at iteration {self.engine.global_steps} "
+                       f"(epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
+        self._info(self._banner(spec, lr))
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def _deepspeed_config(self) -> dict[str, Any]:
+        path = Path(self.config.deepspeed)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config not found: {path} (see ds_configs/)")
+        ds = json.loads(path.read_text())
+        ds = _merge(ds, self.config.deepspeed_overrides)
+        ds["train_micro_batch_size_per_gpu"] = self.config.data.batch_size_per_rank
+        ds["gradient_accumulation_steps"] = self.config.train.gradient_accumulation_steps
+        ds.pop("train_batch_size", None)
+        for monitor in ("tensorboard", "csv_monitor"):
+            if ds.get(monitor, {}).get("enabled"):
+                ds[monitor] = {**ds[monitor], "output_path": str(self.run_dir / "monitor"), "job_name": "train"}
+        return ds
+
+    def _train_loader(self, epoch: int, start_batch: int):
+        data = self.config.data
+        return train_loader(self.datasets, data, self.rank, self.world, self.config.seed, epoch, start_batch)
+
+    def _banner(self, spec, lr: float) -> str:
+        modules = ", ".join(f"{m} {n / 1e6:.2f}M" for m, n in self.module_params.items())
+        return (
+            f"model {spec.name} ({modules}); {self.world} rank(s) x {self.config.data.batch_size_per_rank} images x "
+            f"{self.gas} accumulation = batch {self.global_batch}; peak lr {lr:.4g}; {self.steps_per_epoch} "
+            f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, {self.dtype}; "
+            f"AGVM {'on' if self.config.agvm.enabled else 'off'}"
+        )
+
+    def _info(self, message: str) -> None:
+        if self.is_main:
+            logger.info(message)
+            tqdm.write(message)
+
+    # --- training -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Trains to ``total_iters``; evaluates every ``eval_interval`` epochs and at the end."""
+        train = self.config.train
+        progress = tqdm(total=self.total_iters, initial=self.engine.global_steps, disable=not self.is_main,
+                        desc="train", dynamic_ncols=True)
+        window_start, window_images = time.perf_counter(), 0
+        while self.engine.global_steps < self.total_iters:
+            loader = self._train_loader(self.epoch, self.batch_in_epoch)
+            usable = self.steps_per_epoch * self.gas  # whole accumulation windows only
+            for images, targets in loader:
+                if self.batch_in_epoch >= usable or self.engine.global_steps >= self.total_iters:
+                    break
+                self.batch_in_epoch += 1
+                step_before = self.engine.global_steps
+                losses = self._micro_step(images, targets)
+                window_images += len(images) * self.world
+                if losses is None or self.engine.global_steps == step_before:
+                    continue  # skipped, or inside an accumulation window
+                progress.update(1)
+                it = self.engine.global_steps
+                if it % train.log_interval == 0 or it == self.total_iters:
+                    elapsed = time.perf_counter() - window_start
+                    self._log_step(losses, window_images / elapsed, progress)
+                    window_start, window_images = time.perf_counter(), 0
+                if train.checkpoint_iters and it % train.checkpoint_iters == 0:
+                    self.save()
+            if self.batch_in_epoch >= usable:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                done = self.engine.global_steps >= self.total_iters
+                if done or self.epoch % train.eval_interval == 0:
+                    self.evaluate()
+                if done or self.epoch % train.checkpoint_interval == 0:
+                    self.save()
+        progress.close()
+        if not self.last_metrics or self.last_metrics.get("iteration") != self.engine.global_steps:
+            self.evaluate()
+            self.save()
+        if self.is_main:
+            plot_run(self.run_dir)
+        return self.last_metrics
+
+    def _micro_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> Optional[dict[str, float]]:
+        """Forward, backward and (at a boundary) step one micro-batch; None if its loss was skipped.
+
+        A non-finite loss on any rank skips the micro-batch on every rank (one 1-float all-reduce),
+        before backward: no NaN reaches the gradients, the optimizer state or AGVM's statistics.
+        """
+        device = self.engine.device
+        step_seed = ((self.config.seed * 1_000_003 + self.rank) * 10_000_019 + self.engine.global_steps) * 131
+        torch.manual_seed(step_seed + self.batch_in_epoch % self.gas)  # proposal sampling, replayed on resume
+        images = [image.to(device, self.dtype) for image in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        loss_dict = self.engine(images, targets)
+        loss = sum(loss_dict.values())
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
+        if finite.item() < 1.0 and self.config.train.skip_nonfinite_loss:
+            self.skipped_nonfinite += 1
+            self._info(f"non-finite loss at iteration {self.engine.global_steps} "
+                       f"({ {k: v.item() for k, v in loss_dict.items()} }): micro-batch skipped on every rank")
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return {k: v.item() for k, v in loss_dict.items()}
+
+    def _log_step(self, losses: dict[str, float], images_per_s: float, progress: tqdm) -> None:
+        it = self.engine.global_steps
+        lrs = self.engine.lr_scheduler.get_last_lr()
+        record = {"iteration": it, "epoch": self.epoch, "loss": sum(losses.values()), **losses,
+                  "lr": lrs[0], "images_per_s": images_per_s, "agvm": self.optimizer.statistics()}
+        self.log.train(record)
+        progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_s:.1f}", lr=f"{lrs[0]:.3g}")
+        self.engine.monitor.write_events([("Train/loss", record["loss"], self.engine.global_samples),
+                                          ("Train/images_per_s", images_per_s, self.engine.global_samples)])
+
+    # --- evaluation and checkpoints ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """COCO metrics on the validation split, all ranks sharing the images."""
+        even = self.engine.zero_optimization_stage() == 3  # ZeRO-3 forward is collective
+        evaluator = CocoEvaluator(self.datasets.val.coco, self.iou_types, self.datasets.val.contiguous_to_category_id)
+        self.engine.eval()
+        device = self.engine.device
+        for images, targets in tqdm(val_loader(self.datasets, self.config.data, self.rank, self.world, even),
+                                    desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True):
+            outputs = self.engine([image.to(device, self.dtype) for image in images])
+            evaluator.update([{k: v.float().cpu() for k, v in o.items()} for o in outputs],
+                             [t["image_id"] for t in targets])
+        self.engine.train()
+        metrics = evaluator.evaluate(self.run_dir / "eval")
+        it = self.engine.global_steps
+        self.last_metrics = {"iteration": it, "epoch": self.epoch, **metrics}
+        self.log.eval(self.last_metrics)
+        for iou_type, values in metrics.items():
+            self._info(f"iteration {it} {iou_type}:\n{format_coco_summary(values)}")
+            self.engine.monitor.write_events(
+                [(f"Eval/{iou_type}_{name}", value, self.engine.global_samples) for name, value in values.items()])
+        return self.last_metrics
+
+    def save(self) -> None:
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
+        checkpointing.save(self.engine, self.run_dir, self.engine.global_steps, state,
+                           self.config.train.keep_checkpoints, self.is_main)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
