@@ -117,6 +117,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     log_interval: int = 10
     eval_interval: int = 1
+    eval_at_start: bool = False
     checkpoint_interval: int = 1
     checkpoint_iters: Optional[int] = None
     keep_checkpoints: int = 2

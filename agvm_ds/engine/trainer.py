@@ -140,6 +140,8 @@ class Trainer:
         train = self.config.train
         progress = tqdm(total=self.total_iters, initial=self.engine.global_steps, disable=not self.is_main,
                         desc="train", dynamic_ncols=True)
+        if train.eval_at_start and self.engine.global_steps == 0:
+            self.evaluate()
         window_start, window_images = time.perf_counter(), 0
         while self.engine.global_steps < self.total_iters:
             loader = self._train_loader(self.epoch, self.batch_in_epoch)

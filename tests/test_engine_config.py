@@ -1,0 +1,101 @@
+"""Experiment configs, overrides, the learning-rate schedule and the plot command (no training)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from agvm_ds.engine import load_config, lr_multiplier, peak_lr
+from agvm_ds.engine.cli import main as train_main
+from agvm_ds.engine.config import OptimizerConfig, ScheduleConfig
+from agvm_ds.engine.plots import main as plot_main
+
+
+def test_every_shipped_experiment_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = load_config(path)
+        assert Path(config.deepspeed).is_file(), path
+
+
+def test_overrides_reach_nested_sections_with_yaml_types():
+    config = load_config("configs/synthetic_tiny.yaml", ["agvm.enabled=false", "optimizer.lr=0.1", "data.scales=[128,160]",
+                                                         "deepspeed_overrides.zero_optimization.stage=3"])
+    assert config.agvm.enabled is False and config.optimizer.lr == 0.1 and config.data.scales == (128, 160)
+    assert config.deepspeed_overrides == {"zero_optimization": {"stage": 3}}
+
+
+def test_unknown_key_names_the_file_and_lists_valid_keys(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optimizer:\n  lrr: 0.1\n")
+    with pytest.raises(ValueError, match=r"exp.yaml: unknown key\(s\) \['optimizer.lrr'\] in optimizer; valid keys are .*'lr'"):
+        load_config(path)
+
+
+def test_unknown_agvm_key_lists_agvm_keys():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['agvm.intreval'\].*'interval'"):
+        load_config(None, ["agvm.intreval=5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.name=adam", "optimizer.name='adam': expected one of ['sgd', 'adamw', 'lamb']"),
+    ("train.epochs=zero", "train.epochs='zero': expected int"),
+    ("agvm.ema=1.5", "ema=1.5 is invalid"),
+    ("data.dataset=coco", "data.dataset=coco needs data.train_images"),
+    ("schedule.milestones=[0.5,1.5]", "fractions of the run in (0, 1)"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_cli_reports_bad_config_and_exits_2(capsys):
+    assert train_main(["--config", "configs/synthetic_tiny.yaml", "train.epochz=3"]) == 2
+    assert "train.epochz" in capsys.readouterr().err
+    assert train_main(["--config", "missing.yaml"]) == 2
+    assert "experiment config not found: missing.yaml" in capsys.readouterr().err
+
+
+def test_cli_prints_resolved_config(capsys):
+    assert train_main(["--config", "configs/synthetic_tiny.yaml", "--print-config", "seed=7"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seed"] == 7 and printed["agvm"]["interval"] == 5
+
+
+def test_lr_scales_with_global_batch():
+    assert peak_lr(OptimizerConfig(lr=0.02, base_batch_size=16), 256) == pytest.approx(0.32)
+    assert peak_lr(OptimizerConfig(lr=0.02, base_batch_size=16, lr_scaling="sqrt"), 256) == pytest.approx(0.08)
+
+
+def test_warmup_then_step_decay():
+    f = lr_multiplier(ScheduleConfig(warmup="linear", warmup_iters=10, warmup_ratio=0.001, milestones=(0.5, 0.75)), 100)
+    assert f(0) == pytest.approx(0.001) and f(5) == pytest.approx(0.001 + 0.999 * 0.5) and f(10) == 1.0
+    assert f(49) == 1.0 and f(50) == pytest.approx(0.1) and f(75) == pytest.approx(0.01)
+
+
+def test_exponential_warmup_matches_the_official_recipe():
+    f = lr_multiplier(ScheduleConfig(warmup="exponential", warmup_iters=920, warmup_ratio=0.001, decay="none"), 10000)
+    assert f(0) == pytest.approx(0.001) and f(460) == pytest.approx(math.sqrt(0.001)) and f(920) == 1.0
+
+
+def test_cosine_decay_reaches_the_floor():
+    f = lr_multiplier(ScheduleConfig(warmup="none", decay="cosine", min_lr_ratio=0.05), 100)
+    assert f(0) == 1.0 and f(50) == pytest.approx(0.525) and f(100) == pytest.approx(0.05)
+
+
+def test_plot_command_writes_the_figures(tmp_path, capsys):
+    stats = lambda f: {m: {"factor": f, "phi": 0.1 * f, "noise_scale": 2.0} for m in ("backbone", "fpn")}
+    with open(tmp_path / "train_log.jsonl", "w") as log:
+        for it in (5, 10, 15):
+            log.write(json.dumps({"iteration": it, "loss": 1.0 / it, "loss_box_reg": 0.5 / it, "agvm": stats(it / 10)}) + "\n")
+    with open(tmp_path / "eval_log.jsonl", "w") as log:
+        log.write(json.dumps({"iteration": 15, "bbox": {"AP": 0.2, "AP50": 0.4}}) + "\n")
+    assert plot_main([str(tmp_path)]) == 0
+    for name in ("agvm_phi.png", "agvm_factor.png", "loss.png", "map.png"):
+        assert (tmp_path / name).stat().st_size > 5000, name
+    assert "agvm_phi.png" in capsys.readouterr().out
