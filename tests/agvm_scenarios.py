@@ -54,6 +54,7 @@ def ds_config(stage: int, dtype: str, gas: int, clip: float, scale_power: int = 
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16", "initial_scale_power": scale_power, "loss_scale_window": 3},
+        "torch_autocast": {"enabled": dtype == "autocast_bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -143,7 +144,8 @@ def train(rank: int, world: int, case: dict[str, Any], steps: int, check: bool,
     gas = case.get("gas", 1)
     if resume:
         load_checkpoint(engine, save_dir)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.get("dtype", "fp32")]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+             "autocast_bf16": torch.float32}[case.get("dtype", "fp32")]
     replay = GradientVarianceModulator(list(MODULES), optimizer.config)
     records = []
     while engine.global_steps < steps:

@@ -40,6 +40,7 @@ TWO_RANK_CASES = {
     **{f"z{s}-fp32": {"stage": s, "clip": CLIP} for s in STAGES},
     **{f"z{s}-fp32-gas2": {"stage": s, "gas": 2} for s in STAGES},
     **{f"z{s}-bf16": {"stage": s, "dtype": "bf16", "clip": CLIP} for s in STAGES},
+    **{f"z{s}-autocast-bf16": {"stage": s, "dtype": "autocast_bf16", "clip": CLIP} for s in STAGES},
     **{f"z{s}-fp16-overflow": {"stage": s, "dtype": "fp16", "gas": 2, "clip": CLIP, "scale_power": 22} for s in (1, 2, 3)},
     "z2-adamw": {"stage": 2, "optimizer": "adamw", "clip": CLIP},
     "z3-adamw-gas2": {"stage": 3, "optimizer": "adamw", "gas": 2},
@@ -49,7 +50,7 @@ TWO_RANK_CASES = {
                                    "gas": 2, "clip": CLIP, "check": s == 0} for s in STAGES},
 }
 CHECKED_CASES = [name for name, case in TWO_RANK_CASES.items() if case.get("check", True)]
-TOLERANCE = {"fp32": FP32_TOL, "bf16": 2e-2, "fp16": 5e-3}
+TOLERANCE = {"fp32": FP32_TOL, "bf16": 2e-2, "autocast_bf16": 2e-2, "fp16": 5e-3}
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,12 @@ class DeepSpeedView:
         if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None or getattr(
             inner, "torch_autocast_gradscaler", None
         ):
-            raise ValueError("AGVM: DeepSpeed's torch_autocast mode is not supported; use the bf16 or fp16 sections")
+            # bf16 autocast needs no scaler and is supported; fp16 autocast scales through torch's
+            # GradScaler, whose scale AGVM would have to undo in the hooks.
+            raise ValueError(
+                "AGVM: DeepSpeed torch_autocast with fp16 (GradScaler) is not supported; use "
+                '"torch_autocast": {"dtype": "bfloat16"}, or the fp16 section with ZeRO stage >= 1'
+            )
 
         import deepspeed.comm as dist
 

@@ -86,6 +86,7 @@ class Trainer:
         self.optimizer: AGVM = optimizer
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
             torch.float16 if self.engine.fp16_enabled() else torch.float32)
+        _cast_float_buffers(self.engine.module, self.dtype)
         self.log = RunLog(self.run_dir, self.is_main)
         self.epoch, self.batch_in_epoch, self.skipped_nonfinite = 0, 0, 0
         self.last_metrics: dict[str, Any] = {}
@@ -124,9 +125,14 @@ class Trainer:
         return (
             f"model {spec.name} ({modules}); {self.world} rank(s) x {self.config.data.batch_size_per_rank} images x "
             f"{self.gas} accumulation = batch {self.global_batch}; peak lr {lr:.4g}; {self.steps_per_epoch} "
-            f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, {self.dtype}; "
+            f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, {self._precision()}; "
             f"AGVM {'on' if self.config.agvm.enabled else 'off'}"
         )
+
+    def _precision(self) -> str:
+        if self.engine.torch_autocast_enabled():
+            return f"autocast {self.engine.torch_autocast_dtype()} (fp32 weights)"
+        return str(self.dtype)
 
     def _info(self, message: str) -> None:
         if self.is_main:
@@ -242,6 +248,14 @@ class Trainer:
                  "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
         checkpointing.save(self.engine, self.run_dir, self.engine.global_steps, state,
                            self.config.train.keep_checkpoints, self.is_main)
+
+
+def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm statistics and the
+    constants of torchvision's FrozenBatchNorm2d must match the activations' dtype."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

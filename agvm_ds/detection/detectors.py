@@ -1,0 +1,103 @@
+"""torchvision detectors on timm backbones, with their AGVM modules named after torchvision's parts.
+
+A torchvision detector is ``transform`` + ``backbone`` + ``rpn`` + ``roi_heads`` (or + ``head`` for
+RetinaNet). The AGVM modules follow these seams, so the words in the model, the config, the logs and
+the plots are the same.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from .backbone import TimmFPNBackbone, create_body, freeze_stages
+from .spec import ModelSpec, backbone_family
+
+__all__ = ["build_backbone", "build_detector", "agvm_modules"]
+
+
+def build_backbone(spec: ModelSpec, load_pretrained: bool = True) -> TimmFPNBackbone:
+    """The FPN backbone of ``spec``: C2-C5 + max-pooled P6 for the R-CNNs, C3-C5 + P6/P7 for RetinaNet."""
+    family = backbone_family(spec.backbone)
+    if family == "resnet" and spec.norm == "frozen_bn" and spec.pretrained_file is None:
+        warnings.warn(
+            f"{spec.name or spec.backbone}: norm=frozen_bn without pretrained_file freezes BN at its initial "
+            "statistics (no normalisation); give pretrained_file, or use norm=bn / sync_bn from scratch",
+            stacklevel=2,
+        )
+    body = create_body(
+        spec.backbone,
+        norm=spec.norm,
+        pretrained_file=spec.pretrained_file if load_pretrained else None,
+        checkpointing=spec.checkpointing,
+        **spec.backbone_kwargs,
+    )
+    freeze_stages(body, spec.trainable_stages)
+    if spec.detector == "retinanet":
+        indices, extra = 3, LastLevelP6P7(spec.fpn_channels, spec.fpn_channels)
+    else:
+        indices, extra = 4, LastLevelMaxPool()
+    return TimmFPNBackbone(body, indices, spec.fpn_channels, extra, stage_norms=family == "swin")
+
+
+def build_detector(spec: ModelSpec, device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """Builds the detector of ``spec``, with ``agvm_modules`` (AGVM module -> submodule prefixes) set.
+
+    Args:
+        device: where parameters are created. ``"meta"`` allocates nothing (for counting parameters
+            and FLOPs of huge models); pretrained weights are then not loaded.
+
+    The model's ``GeneralizedRCNNTransform`` (``model.transform``) normalises, resizes to
+    ``min_size``/``max_size`` and pads to a multiple of 32; a data pipeline that resizes itself sets
+    ``model.transform._skip_resize = True`` (torchvision's large-scale-jitter recipe).
+    """
+    is_meta = device is not None and torch.device(device).type == "meta"
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        backbone = build_backbone(spec, load_pretrained=not is_meta)
+        common = dict(num_classes=spec.num_classes, min_size=spec.min_size, max_size=spec.max_size)
+        if spec.detector == "faster_rcnn":
+            model = FasterRCNN(backbone, **common, **spec.detector_kwargs)
+        elif spec.detector == "mask_rcnn":
+            # torchvision's mask head (4 convs + deconv) at the FPN's width instead of a fixed 256.
+            # torchvision then wants num_classes=None and every predictor given: the box predictor
+            # is its default, on TwoMLPHead's 1024 features.
+            width = spec.fpn_channels
+            model = MaskRCNN(
+                backbone,
+                **dict(common, num_classes=None),
+                box_predictor=FastRCNNPredictor(1024, spec.num_classes),
+                mask_head=MaskRCNNHeads(width, [width] * 4, 1),
+                mask_predictor=MaskRCNNPredictor(width, width, spec.num_classes),
+                **spec.detector_kwargs,
+            )
+        else:
+            model = RetinaNet(backbone, **common, **spec.detector_kwargs)
+    model.agvm_modules = agvm_modules(model)
+    return model
+
+
+def agvm_modules(model: nn.Module) -> dict[str, list[str]]:
+    """AGVM module -> submodule prefixes of a detector built here; ``backbone`` is the anchor.
+
+    ``backbone`` is the timm body with its stage norms, ``fpn`` the pyramid and its extra levels;
+    then ``rpn`` and ``roi_box_head`` (+ ``mask_head``) for the R-CNNs, ``cls_head`` and
+    ``reg_head`` for RetinaNet.
+    """
+    backbone = ["backbone.body"] + (["backbone.norms"] if model.backbone.norms is not None else [])
+    modules = {"backbone": backbone, "fpn": ["backbone.fpn"]}
+    if isinstance(model, RetinaNet):
+        modules["cls_head"] = ["head.classification_head"]
+        modules["reg_head"] = ["head.regression_head"]
+        return modules
+    modules["rpn"] = ["rpn"]
+    modules["roi_box_head"] = ["roi_heads.box_head", "roi_heads.box_predictor"]
+    if isinstance(model, MaskRCNN):
+        modules["mask_head"] = ["roi_heads.mask_head", "roi_heads.mask_predictor"]
+    return modules
