@@ -48,7 +48,7 @@ class TimmFPNBackbone(nn.Module):
         stage_norms: bool,
     ) -> None:
         super().__init__()
-        self.indices = body.prune_intermediate_layers(indices, prune_norm=False, prune_head=True)
+        self.indices = body.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
         in_channels = [body.feature_info[i]["num_chs"] for i in self.indices]
         self.body = body
         self.norms: Optional[nn.ModuleList] = (

@@ -102,8 +102,10 @@ class ModelSpec:
     name: str = ""
 
     def __post_init__(self) -> None:
+        where = f"model spec {self.name}" if self.name else "model spec"
+
         def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"model spec {self.name or ''}: {key}={getattr(self, key)!r} is invalid: {why}")
+            return ValueError(f"{where}: {key}={getattr(self, key)!r} is invalid: {why}")
 
         if self.detector not in DETECTORS:
             raise bad("detector", f"expected one of {sorted(DETECTORS)}")
@@ -139,13 +141,13 @@ class ModelSpec:
         for key, value in self.detector_kwargs.items():
             if key not in knobs:
                 raise ValueError(
-                    f"model spec {self.name or ''}: detector_kwargs.{key} is not a knob of "
+                    f"{where}: detector_kwargs.{key} is not a knob of "
                     f"{DETECTORS[self.detector].__name__}; valid keys are {sorted(knobs)}"
                 )
             expected = int if isinstance(knobs[key], int) else (int, float)
             if isinstance(value, bool) or not isinstance(value, expected) or not math.isfinite(value) or value < 0:
                 raise ValueError(
-                    f"model spec {self.name or ''}: detector_kwargs.{key}={value!r} is invalid: expected a "
+                    f"{where}: detector_kwargs.{key}={value!r} is invalid: expected a "
                     f"{'non-negative integer' if expected is int else 'non-negative number'}"
                 )
 
