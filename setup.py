@@ -9,8 +9,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["agvm_ds", "agvm_ds.*"]),
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        # torch from the package index (its CUDA build also runs on CPU); torchvision wheels link
+        # libtorch_cuda, so a CPU-only torch wheel would break `import torchvision` and timm.
+        "torch>=2.15",
+        "torchvision>=0.29",
         "deepspeed>=0.19.8,<0.20",
         "timm>=1.0",
         "pycocotools>=2.0.7",
