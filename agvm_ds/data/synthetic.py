@@ -400,3 +400,19 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
     if flat[0] == 1:
         counts = [0] + counts
     return [int(c) for c in counts]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agvm_ds.data ROOT [--num-train N] [--num-val N] [--image-size S] [--seed S]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m agvm_ds.data", description="Generate (or reuse) the synthetic COCO shapes set.")
+    parser.add_argument("root")
+    parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = make_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed)
+    for name in ("train_images", "train_ann", "val_images", "val_ann"):
+        print(f"{name}: {getattr(paths, name)}")
