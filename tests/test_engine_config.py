@@ -32,7 +32,7 @@ def test_overrides_reach_nested_sections_with_yaml_types():
 def test_unknown_key_names_the_file_and_lists_valid_keys(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("optimizer:\n  lrr: 0.1\n")
-    with pytest.raises(ValueError, match=r"exp.yaml: unknown key\(s\) \['optimizer.lrr'\] in optimizer; valid keys are .*'lr'"):
+    with pytest.raises(ValueError, match=r"exp.yaml: optimizer: unknown key\(s\) \['optimizer.lrr'\]; valid keys are .*'lr'"):
         load_config(path)
 
 

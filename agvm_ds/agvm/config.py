@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from ..config_checks import reject_unknown_keys
+
 __all__ = ["AGVMConfig"]
 
 
@@ -71,10 +73,7 @@ class AGVMConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "AGVMConfig":
         """Builds a config from a mapping (a YAML section); an unknown key lists the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"AGVM config: unknown key(s) {unknown}; valid keys are {valid}")
+        reject_unknown_keys(cls, values, "AGVM config")
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:

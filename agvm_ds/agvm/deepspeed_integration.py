@@ -28,10 +28,13 @@ from __future__ import annotations
 import enum
 import json
 import os
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .optimizer import AGVM
 
 __all__ = ["EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "initialize", "save_checkpoint", "load_checkpoint"]
 

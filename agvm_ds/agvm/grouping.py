@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import nn
 
 __all__ = ["MODULE_KEY", "assign_modules", "module_param_groups"]

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import timm
-import yaml
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+
+from ..config_checks import read_yaml_mapping, reject_unknown_keys
 
 __all__ = ["DETECTORS", "MODELS_DIR", "NORMS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
 
@@ -154,10 +155,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelSpec":
         """Builds a spec from a mapping (a YAML file); an unknown key lists the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"model spec: unknown key(s) {unknown}; valid keys are {valid}")
+        reject_unknown_keys(cls, values, "model spec")
         missing = [k for k in ("detector", "backbone") if k not in values]
         if missing:
             raise ValueError(f"model spec: missing key(s) {missing}")
@@ -192,10 +190,7 @@ def load_spec(name_or_path: Union[str, os.PathLike], overrides: Optional[Mapping
         path = MODELS_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ValueError(f"unknown model {str(name_or_path)!r}; known models are {model_names()}")
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"model spec {path}: expected a mapping at the top level")
+    values = read_yaml_mapping(path, "model spec")
     values.setdefault("name", path.stem)
     return ModelSpec.from_dict(_apply_overrides(values, overrides or {}))
 

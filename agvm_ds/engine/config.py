@@ -10,12 +10,13 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
+
 from ..agvm import AGVMConfig
+from ..config_checks import read_yaml_mapping, reject_unknown_keys
 
 __all__ = [
     "DataConfig",
@@ -152,15 +153,7 @@ class ExperimentConfig:
 
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Reads a YAML experiment file (or the defaults) and applies ``key.sub=value`` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"experiment config not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+    values = read_yaml_mapping(path, "experiment config") if path is not None else {}
     for key, value in parse_overrides(overrides).items():
         _set_dotted(values, key, value)
     try:
@@ -195,11 +188,7 @@ def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        section = prefix.rstrip(".") or "top level"
-        raise ValueError(f"unknown key(s) {[prefix + k for k in unknown]} in {section}; valid keys are {sorted(fields)}")
+    reject_unknown_keys(cls, values, prefix.rstrip(".") or "top level", prefix)
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in values.items()}
     if cls is AGVMConfig:
