@@ -2,6 +2,10 @@
 
 The trainer adds the batch keys (train_micro_batch_size_per_gpu, gradient_accumulation_steps) from
 the experiment config and wraps a client optimizer with AGVM, so the files carry neither.
+
+"bf16" in a file name means DeepSpeed's ``torch_autocast`` section with bfloat16 (fp32 weights,
+gradients and optimizer states; bf16 activations), never DeepSpeed's ``bf16`` section (bf16 weights),
+which torchvision detectors cannot run: see ds_configs/README.md.
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ EXPECTED_NAMES = {
 }
 # DeepSpeedConfig ignores unknown top-level keys, so a misspelt key would be a silent no-op.
 KNOWN_TOP_LEVEL_KEYS = {
-    "zero_optimization", "bf16", "fp16", "data_types", "communication_data_type", "gradient_clipping",
-    "zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown", "csv_monitor", "tensorboard",
+    "zero_optimization", "bf16", "fp16", "torch_autocast", "data_types", "communication_data_type",
+    "gradient_clipping", "zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown",
+    "csv_monitor", "tensorboard",
 }
+PRECISION_SECTIONS = ("bf16", "fp16", "torch_autocast")
 LEFT_TO_THE_TRAINER = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                        "optimizer", "scheduler"}
 
@@ -42,10 +48,19 @@ def stage_and_precision(path: Path) -> tuple[int, str]:
 
 
 def precision_of(config: dict[str, Any]) -> str:
-    bf16 = config.get("bf16", {}).get("enabled", False)
-    fp16 = config.get("fp16", {}).get("enabled", False)
-    assert not (bf16 and fp16), "bf16 and fp16 both enabled"
-    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+    """fp32, bf16 (torch autocast to bfloat16 over fp32 weights) or fp16 (DeepSpeed's fp16 section).
+
+    DeepSpeed's own ``bf16`` section (bf16 weights) and fp16 autocast (a GradScaler, which AGVM refuses)
+    are no precision of ours: they fail here rather than map to a name.
+    """
+    enabled = [section for section in PRECISION_SECTIONS if config.get(section, {}).get("enabled", False)]
+    assert len(enabled) <= 1, f"more than one precision section enabled: {enabled}"
+    assert "bf16" not in enabled, 'DeepSpeed\'s "bf16" section (pure bf16 weights) is enabled'
+    if enabled == ["torch_autocast"]:
+        dtype = config["torch_autocast"].get("dtype")
+        assert dtype == "bfloat16", f"torch_autocast dtype {dtype!r}: only bfloat16 is supported with AGVM"
+        return "bf16"
+    return "fp16" if enabled == ["fp16"] else "fp32"
 
 
 def with_batch_keys(config: dict[str, Any], micro_batch: int = 2, gas: int = 4) -> dict[str, Any]:
@@ -62,6 +77,24 @@ def test_stage_and_precision_match_the_file_name(path: Path) -> None:
     stage, precision = stage_and_precision(path)
     assert config["zero_optimization"]["stage"] == stage
     assert precision_of(config) == precision
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_states_all_three_precision_switches(path: Path) -> None:
+    # The precision of a file is read off one flag: zero0_fp32 and zero0_bf16 differ only in torch_autocast.
+    config = load(path)
+    for section in PRECISION_SECTIONS:
+        assert isinstance(config[section]["enabled"], bool), (path.name, section)
+
+
+def test_no_config_enables_deepspeeds_pure_bf16_section() -> None:
+    offenders = [p.name for p in CONFIGS if load(p)["bf16"].get("enabled", False)]
+    assert offenders == [], (
+        f"{offenders}: DeepSpeed's bf16 section casts parameters to bf16 but not buffers, and torchvision's "
+        "nms has no bf16 kernel (\"nms_kernel\" not implemented for 'BFloat16'); torchvision's detection ops "
+        "are written for autocast, which casts nms/roi_align inputs to fp32. Use "
+        '"torch_autocast": {"enabled": true, "dtype": "bfloat16"} with "bf16": {"enabled": false}.'
+    )
 
 
 def test_no_config_uses_fp16_at_stage_0() -> None:
@@ -96,8 +129,9 @@ def test_clipping_monitors_and_quiet_logging(path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_deepspeed_config_parser_accepts_it_once_batch_keys_are_added(path: Path) -> None:
+    import torch
     import torch.distributed as dist
-    from deepspeed.runtime.config import DeepSpeedConfig, DtypeEnum
+    from deepspeed.runtime.config import DeepSpeedConfig
 
     # No process group needed: without one DeepSpeedConfig takes rank 0 and world size 1.
     assert not dist.is_initialized()
@@ -109,38 +143,52 @@ def test_deepspeed_config_parser_accepts_it_once_batch_keys_are_added(path: Path
     assert parsed.world_size == 1
     assert parsed.train_batch_size == 8
     assert parsed.zero_optimization_stage == stage
-    assert parsed.bfloat16_config.enabled == (precision == "bf16")
+    # bf16 means torch autocast to bfloat16 over fp32 weights; DeepSpeed's bf16 section stays off.
+    assert parsed.bfloat16_config.enabled is False
+    assert parsed.torch_autocast_enabled == (precision == "bf16")
+    assert parsed.torch_autocast_dtype == (torch.bfloat16 if precision == "bf16" else None)
+    # Default lower_precision_safe_modules (Linear, Conv1d/2d/3d): the README documents it.
+    assert parsed.torch_autocast_lower_precision_safe_modules is None
     assert parsed.float16_config.enabled == (precision == "fp16")
     assert parsed.gradient_clipping == config["gradient_clipping"]
     assert parsed.zero_allow_untested_optimizer is True
     assert parsed.monitor_config.csv_monitor.enabled and parsed.monitor_config.tensorboard.enabled
     for key, value in config["zero_optimization"].items():
         assert getattr(parsed.zero_config, key) == value
-    # The parser keeps data_types.grad_accum_dtype as a string; the engine converts it later.
-    if parsed.grad_accum_dtype is not None:
-        DtypeEnum(parsed.grad_accum_dtype)
+    # No file sets data_types.grad_accum_dtype: gradients accumulate in the weights' dtype, fp32 under autocast.
+    assert parsed.grad_accum_dtype is None
 
 
-def test_swin1b_config_accumulates_bf16_gradients_in_fp32_with_zero2_overlap() -> None:
+def test_swin1b_config_is_zero2_autocast_with_overlapped_bucketed_reduction() -> None:
     config = load(CONFIG_DIR / "zero2_bf16_swin1b.json")
     zero = config["zero_optimization"]
     assert (zero["stage"], precision_of(config)) == (2, "bf16")
-    assert config["data_types"]["grad_accum_dtype"] == "fp32"
-    assert zero["overlap_comm"] and zero["contiguous_gradients"]
+    # fp32 weights: gradients are fp32 and ZeRO-2 accumulates them in fp32 without being asked to.
+    assert "data_types" not in config
+    assert zero["overlap_comm"] and zero["contiguous_gradients"] and zero["reduce_scatter"]
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
-        # counted in elements; DeepSpeed asserts 16-bit buckets are a multiple of 2
+        # counted in elements; DeepSpeed asserts allgather_bucket_size is a multiple of 2 (nccl alignment)
         assert isinstance(zero[key], int) and zero[key] % 2 == 0 and 10**7 <= zero[key] <= 10**9
+    assert config["gradient_clipping"] == 1.0
 
 
 # --- every config through deepspeed.initialize with AGVM, on 2 CPU ranks ------------------------
 
-EXPECTED_ENGINE_OPTIMIZER = {0: "FP16_UnfusedOptimizer", 1: "DeepSpeedZeroOptimizer",
+# The engine optimizer depends on the stage only: autocast keeps fp32 weights, so a bf16 file gets what an
+# fp32 file gets (at stage 0 the client AGVM optimizer itself), and fp16 exists at stages 1-3 only.
+EXPECTED_ENGINE_OPTIMIZER = {0: "AGVM", 1: "DeepSpeedZeroOptimizer",
                              2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+# (weights, forward output, gradient communication dtype of the toy's Linear params) per precision
+EXPECTED_DTYPES = {"fp32": ("torch.float32", "torch.float32", "torch.float32"),
+                   "bf16": ("torch.float32", "torch.bfloat16", "torch.bfloat16"),
+                   "fp16": ("torch.float16", "torch.float16", "torch.float16")}
 
 
 def _train_every_config(rank: int, world_size: int, paths: list[str], out_dir: str) -> dict[str, Any]:
     import torch
     from deepspeed.accelerator import get_accelerator
+
+    from deepspeed.runtime.torch_autocast import get_comm_dtype
 
     import agvm_scenarios as scenarios
     from agvm_ds import AGVM, AGVMConfig, module_param_groups
@@ -162,16 +210,22 @@ def _train_every_config(rank: int, world_size: int, paths: list[str], out_dir: s
                          AGVMConfig(interval=2, ema=0.5, start_iter=0))
         engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=config)
         dtype = next(engine.module.parameters()).dtype
-        losses = []
+        losses, output_dtypes = [], set()
         for step in range(6):
             for micro in range(2):
                 x, y = scenarios.micro_batch(0, rank, micro)  # the same batch every step: loss must fall
-                loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
+                output = engine(x.to(dtype))
+                output_dtypes.add(str(output.dtype))
+                loss = torch.nn.functional.mse_loss(output.float(), y)
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
+        # With autocast DeepSpeed marks Linear/Conv params to communicate their gradients in bf16;
+        # unmarked params report their own dtype.
+        comm_dtypes = {str(get_comm_dtype(p)) for p in engine.module.parameters()}
         results[Path(path).stem] = {"optimizer": type(engine.optimizer).__name__, "steps": engine.global_steps,
-                                    "first_loss": losses[0], "last_loss": losses[-1]}
+                                    "first_loss": losses[0], "last_loss": losses[-1],
+                                    "dtypes": (str(dtype), *output_dtypes, *comm_dtypes)}
     return results
 
 
@@ -184,8 +238,8 @@ def test_every_config_trains_the_toy_detector_with_agvm_on_two_cpu_ranks(tmp_pat
     for path in CONFIGS:
         stage, precision = stage_and_precision(path)
         result = results[path.stem]
-        expected = "AGVM" if (stage, precision) == (0, "fp32") else EXPECTED_ENGINE_OPTIMIZER[stage]
-        assert result["optimizer"] == expected, path.stem
+        assert result["optimizer"] == EXPECTED_ENGINE_OPTIMIZER[stage], path.stem
+        assert result["dtypes"] == EXPECTED_DTYPES[precision], (path.stem, result["dtypes"])
         assert result["steps"] == 6, path.stem
         assert result["last_loss"] < 0.9 * result["first_loss"], (path.stem, result)
         # DeepSpeed's own monitor wrote the lr trace into <output_path>/<job_name>/
