@@ -112,11 +112,12 @@ def test_non_finite_loss_skips_the_step_without_poisoning_agvm(tmp_path):
 
 
 def test_short_training_learns_far_above_the_untrained_model(tmp_path):
+    """The default job for two epochs (about 5 minutes on 2 CPU ranks) against its own untrained start."""
     run = tmp_path / "run"
     args = ["--config", "configs/synthetic_tiny.yaml", f"output_dir={run}", f"data.root={tmp_path / 'data'}",
-            "train.eval_at_start=true"]
+            "train.epochs=2", "train.eval_interval=2", "train.eval_at_start=true"]
     output = finish(agvm_train(args, ranks=2), timeout=1500)
     evals = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
     untrained, trained = evals[0]["bbox"]["AP50"], evals[-1]["bbox"]["AP50"]
     assert evals[0]["iteration"] == 0 and evals[-1]["iteration"] > 0
-    assert trained > max(0.25, 10 * untrained), (evals, output[-2000:])
+    assert trained > max(0.15, 10 * untrained), (evals, output[-2000:])

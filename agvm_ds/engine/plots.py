@@ -40,7 +40,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     modules = list(agvm[0]["agvm"]) if agvm else []
     for key, name, label, log_scale in (("phi", "agvm_phi.png", "gradient variance proxy phi", True),
                                         ("factor", "agvm_factor.png", "AGVM lr factor", False)):
-        points = {m: [(r["iteration"], r["agvm"][m][key]) for r in agvm if math.isfinite(r["agvm"][m][key])]
+        points = {m: [(r["iteration"], r["agvm"][m][key]) for r in agvm
+                      if math.isfinite(r["agvm"][m][key]) and (r["agvm"][m][key] > 0 or not log_scale)]
                   for m in modules}
         if any(points.values()):
             fig, ax = plt.subplots(figsize=(6, 4))
