@@ -99,3 +99,25 @@ def test_plot_command_writes_the_figures(tmp_path, capsys):
     for name in ("agvm_phi.png", "agvm_factor.png", "loss.png", "map.png"):
         assert (tmp_path / name).stat().st_size > 5000, name
     assert "agvm_phi.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, base", [("sgd", "SGD"), ("adamw", "AdamW"), ("lamb", "Lamb")])
+def test_each_optimizer_is_built_inside_agvm_and_steps(name, base):
+    import torch
+    from torch import nn
+
+    from agvm_ds import AGVM, AGVMConfig
+    from agvm_ds.engine.config import OptimizerConfig
+    from agvm_ds.engine.optim import build_optimizer, describe
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    modules = {"backbone": ["0"], "head": ["1"]}
+    optimizer = build_optimizer(model, modules, OptimizerConfig(name=name, weight_decay=0.01), 0.1, AGVMConfig())
+    assert isinstance(optimizer, AGVM) and type(optimizer.base_optimizer).__name__ == base
+    assert describe(optimizer) == {"backbone": 20, "head": 10}
+    decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert decay == {"backbone": 0.01, "backbone_no_decay": 0.0, "head": 0.01, "head_no_decay": 0.0}
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
