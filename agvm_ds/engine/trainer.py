@@ -63,7 +63,7 @@ class Trainer:
         with_masks = spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
-        spec = load_spec(config.model, {**config.model_overrides, "num_classes": self.datasets.num_classes + 1})
+        spec = spec.with_overrides({"num_classes": self.datasets.num_classes + 1})
         model = build_detector(spec)
         if config.data.recipe != "none":  # the data pipeline rescales; torchvision's LSJ recipe does the same
             model.transform._skip_resize = True
