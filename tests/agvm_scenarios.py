@@ -27,12 +27,24 @@ MODULES = {"backbone": ["backbone"], "neck": ["neck"], "head": ["head"]}
 MICRO_BATCH = 8
 
 
-class ToyDetector(nn.Module):
+class OffsetHead(nn.Module):
+    """A linear head with a 1-element offset: smaller than the ranks, so ZeRO-3 leaves some of them none."""
+
     def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 4)
+        self.offset = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.offset
+
+
+class ToyDetector(nn.Module):
+    def __init__(self, tiny_param: bool = False) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32))
         self.neck = nn.Linear(32, 16)
-        self.head = nn.Linear(16, 4)
+        self.head = OffsetHead() if tiny_param else nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.tanh(self.neck(torch.tanh(self.backbone(x))))
@@ -75,7 +87,7 @@ def build(case: dict[str, Any]):
     if case.get("dtype") == "fp16":
         allow_cpu_fp16()
     torch.manual_seed(0)
-    model = ToyDetector()
+    model = ToyDetector(tiny_param=case.get("tiny_param", False))
     reference = copy.deepcopy(model)
     groups = module_param_groups(model, MODULES, weight_decay=1e-4)
     if case.get("optimizer", "sgd") == "sgd":

@@ -117,7 +117,6 @@ class DeepSpeedView:
         else:
             self.inner_calls_per_step = 1
         self.client_optimizer = client_optimizer
-        self.preconditioner_partitioned = self.grads_partitioned
         self._masters = {}
         if self.kind is EngineKind.ZERO_1_2:
             self._flat_fp32_partitions = inner.single_partition_of_fp32_groups
@@ -209,8 +208,8 @@ class DeepSpeedView:
             partition = param.partition_numel()
             start = self.dp_rank * partition
             numel = max(0, min(partition, param.ds_numel - start))
-            if numel == 0:
-                return (start, 0, None)
+            if numel == 0:  # a parameter smaller than the ranks: nothing held here
+                return (0, 0, None)
             try:
                 v = safe_get_local_optimizer_state(param, "exp_avg_sq")
             except (KeyError, ValueError):

@@ -268,7 +268,7 @@ class AGVM(torch.optim.Optimizer):
             packed[n:] = self._reduced_sq.to(device)
         view.all_reduce_sum(packed)
         packed = packed.cpu()
-        stratified = self.config.precondition and view.preconditioner_partitioned
+        stratified = self.config.precondition and view.grads_partitioned  # state is partitioned alike
         samples_summed = view.grad_accumulation_steps if stratified else view.num_micro_batches
         self.last_moments = GradientMoments(packed[:n] / samples_summed, packed[n:], view.num_micro_batches)
         if self.modulator.update(self.last_moments):
