@@ -25,7 +25,7 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
         directory = run_dir / CHECKPOINT_DIR
         return directory if (directory / "latest").is_file() else None
     path = Path(resume)
-    if not (path / "latest").is_file() and not path.is_dir():
+    if not path.is_dir():
         raise FileNotFoundError(f"--resume {resume}: no DeepSpeed checkpoint directory there")
     return path
 
