@@ -194,6 +194,10 @@ def test_preconditioning_without_adam_state_is_refused():
     assert "precondition=True needs an Adam-type base optimizer" in message and "SGD" in message
 
 
+def test_initialize_leaves_no_shared_memory_segment_behind():
+    assert run_ranks(scenarios.shared_memory_left, 2) == [[], []]
+
+
 def test_fp16_with_zero_stage_0_is_refused_with_the_reason():
     message = run_ranks(scenarios.expect_error, 2, {"stage": 0, "dtype": "fp16"})[0]
     assert "fp16 with ZeRO stage 0 is not supported" in message and "bf16" in message

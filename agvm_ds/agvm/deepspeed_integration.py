@@ -272,7 +272,28 @@ def initialize(
         model=model, optimizer=optimizer, config=config, **kwargs
     )
     optimizer.attach(engine)
+    _unlink_cpu_allreduce_segment()
     return engine, ds_optimizer, dataloader, scheduler
+
+
+def _unlink_cpu_allreduce_segment() -> None:
+    """Removes the name of this rank's DeepSpeed CPU all-reduce segment from /dev/shm.
+
+    DeepSpeed's CPU comm op (0.19.8, ``ops/csrc/cpu/comm/shm.cpp``) creates a 66 MB shared-memory
+    segment per rank when the process group starts and never unlinks it, so every CPU run would
+    leave 66 MB per rank in /dev/shm until the machine runs out of memory. Every rank maps its
+    peers' segments inside ``init_distributed``; after a barrier the names are no longer needed and
+    the mappings stay valid, so a killed run leaks nothing either.
+    """
+    import deepspeed.comm as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr is None or port is None or not os.path.isdir("/dev/shm"):
+        return
+    dist.barrier()
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def _agvm_of(engine) -> "AGVM":
