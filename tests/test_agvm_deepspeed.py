@@ -194,8 +194,9 @@ def test_preconditioning_without_adam_state_is_refused():
     assert "precondition=True needs an Adam-type base optimizer" in message and "SGD" in message
 
 
-def test_initialize_leaves_no_shared_memory_segment_behind():
-    assert run_ranks(scenarios.shared_memory_left, 2) == [[], []]
+@pytest.mark.parametrize("case", [{"stage": 2}, {"stage": 0, "dtype": "fp16"}], ids=["ok", "refused"])
+def test_initialize_leaves_no_shared_memory_segment_behind(case):
+    assert run_ranks(scenarios.shared_memory_left, 2, case) == [[], []]
 
 
 def test_fp16_with_zero_stage_0_is_refused_with_the_reason():

@@ -268,11 +268,14 @@ def initialize(
         with open(config, encoding="utf-8") as f:
             config = json.load(f)
     config = {"zero_allow_untested_optimizer": True, **config}
+    # What deepspeed.initialize would do first (a no-op when a process group exists), so that the
+    # shared-memory name is released before anything below can refuse the configuration.
+    deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"), verbose=False)
+    _unlink_cpu_allreduce_segment()
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, **kwargs
     )
     optimizer.attach(engine)
-    _unlink_cpu_allreduce_segment()
     return engine, ds_optimizer, dataloader, scheduler
 
 
