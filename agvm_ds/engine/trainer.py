@@ -6,7 +6,6 @@ backward, step; at optimizer-step boundaries log, checkpoint; at epoch ends eval
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from ..evaluation import CocoEvaluator, format_coco_summary
 from . import checkpointing
 from .config import ExperimentConfig
 from .data import build_datasets, train_loader, val_loader
+from .deepspeed_config import deepspeed_config
 from .optim import build_optimizer, describe
 from .plots import plot_run
 from .run_log import RunLog
@@ -68,7 +68,7 @@ class Trainer:
         if config.data.recipe != "none":  # the data pipeline rescales; torchvision's LSJ recipe does the same
             model.transform._skip_resize = True
 
-        ds_config = self._deepspeed_config()
+        ds_config = deepspeed_config(config)
         self.gas = ds_config["gradient_accumulation_steps"]
         self.global_batch = config.data.batch_size_per_rank * self.world * self.gas
         self.steps_per_epoch = len(self._train_loader(0, 0)) // self.gas
@@ -104,20 +104,6 @@ class Trainer:
         self._info(self._banner(spec, lr))
 
     # --- set-up ---------------------------------------------------------------------------------
-
-    def _deepspeed_config(self) -> dict[str, Any]:
-        path = Path(self.config.deepspeed)
-        if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config not found: {path} (see ds_configs/)")
-        ds = json.loads(path.read_text())
-        ds = _merge(ds, self.config.deepspeed_overrides)
-        ds["train_micro_batch_size_per_gpu"] = self.config.data.batch_size_per_rank
-        ds["gradient_accumulation_steps"] = self.config.train.gradient_accumulation_steps
-        ds.pop("train_batch_size", None)
-        for monitor in ("tensorboard", "csv_monitor"):
-            if ds.get(monitor, {}).get("enabled"):
-                ds[monitor] = {**ds[monitor], "output_path": str(self.run_dir / "monitor"), "job_name": "train"}
-        return ds
 
     def _train_loader(self, epoch: int, start_batch: int):
         data = self.config.data
@@ -265,11 +251,4 @@ def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
     for buffer in module.buffers():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(dtype)
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
 

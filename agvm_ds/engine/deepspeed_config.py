@@ -1,0 +1,39 @@
+"""The DeepSpeed configuration of an experiment: its JSON file, the overrides, and what the trainer owns.
+
+A pure function of the experiment, so ``--print-config``/``--dry-run`` show exactly what the trainer
+will hand to ``deepspeed.initialize`` without building a model or a process group.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ExperimentConfig
+
+__all__ = ["deepspeed_config", "merge"]
+
+
+def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The JSON file named by ``config.deepspeed`` with ``deepspeed_overrides`` merged on top, the batch
+    keys set from the data and train sections, and monitors writing under the run directory."""
+    path = Path(config.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {path} (see ds_configs/)")
+    ds = merge(json.loads(path.read_text()), config.deepspeed_overrides)
+    ds["train_micro_batch_size_per_gpu"] = config.data.batch_size_per_rank
+    ds["gradient_accumulation_steps"] = config.train.gradient_accumulation_steps
+    ds.pop("train_batch_size", None)
+    for monitor in ("tensorboard", "csv_monitor"):
+        if ds.get(monitor, {}).get("enabled"):
+            ds[monitor] = {**ds[monitor], "output_path": str(Path(config.output_dir) / "monitor"), "job_name": "train"}
+    return ds
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` merged into a copy of ``base``, recursively for mappings on both sides."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
