@@ -121,3 +121,38 @@ def test_each_optimizer_is_built_inside_agvm_and_steps(name, base):
     model(torch.ones(3, 4)).sum().backward()
     optimizer.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.recipe=multiscale", "data.scales=[480,512,544]", "data.max_size=900"], (544, 900)),
+    (["data.recipe=lsj", "data.lsj_size=640"], (640, 640)),
+    (["data.recipe=hflip"], None),
+    (["data.recipe=none", "data.test_size=400", "data.test_max_size=600"], (400, 600)),
+    (["data.recipe=multiscale", "data.scales=[480,512]", "data.max_size=900", "data.test_size=400"], (400, 900)),
+    (["data.recipe=lsj", "data.lsj_size=640", "data.test_max_size=800"], (640, 800)),
+])
+def test_evaluation_size_follows_the_training_recipe_unless_given(overrides, expected):
+    assert load_config(None, overrides).data.test_resize() == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.test_size=0", "data.test_size=0: expected an integer >= 1"),
+    ("train.max_consecutive_skips=0", "train.max_consecutive_skips=0: expected an integer >= 1"),
+    ("train.dist_timeout_s=0", "train.dist_timeout_s=0.0: expected a finite number > 0"),
+])
+def test_new_keys_are_validated(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_one_test_size_without_a_resizing_recipe_is_refused():
+    with pytest.raises(ValueError, match="recipe 'hflip' does not resize.*give both or neither"):
+        load_config(None, ["data.recipe=hflip", "data.test_size=400"])
+    with pytest.raises(ValueError, match="expected test_max_size >= test_size"):
+        load_config(None, ["data.test_size=900", "data.test_max_size=600"])
+
+
+def test_new_train_keys_have_their_defaults():
+    train = load_config(None).train
+    assert train.max_consecutive_skips == 20 and train.dist_timeout_s == 300.0

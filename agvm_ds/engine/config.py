@@ -7,6 +7,7 @@ scalars (``lr=0.02``, ``agvm.enabled=false``, ``data.scales=[224,256]``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ import yaml
 
 from ..agvm import AGVMConfig
 from ..config_checks import read_yaml_mapping, reject_unknown_keys
+from ..data.transforms import RECIPES
+
+_COCO_PATH_KEYS = ("train_images", "train_ann", "val_images", "val_ann")
 
 __all__ = [
     "DataConfig",
@@ -54,14 +58,54 @@ class DataConfig:
     lsj_size: int = 1024
     aspect_ratio_grouping: bool = True
     with_masks: Optional[bool] = None  # None: whatever the model needs
+    test_size: Optional[int] = None
+    test_max_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, ("synthetic", "coco"))
-        _check_positive("data.batch_size_per_rank", self.batch_size_per_rank)
         if self.dataset == "coco":
-            missing = [k for k in ("train_images", "train_ann", "val_images", "val_ann") if not getattr(self, k)]
+            missing = [k for k in _COCO_PATH_KEYS if not getattr(self, k)]
             if missing:
                 raise ValueError(f"data.dataset=coco needs data.{', data.'.join(missing)}")
+        for key in ("synthetic_train", "synthetic_val", "synthetic_size", "batch_size_per_rank", "max_size", "lsj_size"):
+            _check_int(f"data.{key}", getattr(self, key), 1)
+        _check_int("data.num_workers", self.num_workers, 0)
+        _check_choice("data.recipe", self.recipe, RECIPES)
+        if not self.scales:
+            raise ValueError("data.scales=(): expected a non-empty list of shorter-side sizes")
+        for scale in self.scales:
+            _check_int("data.scales", scale, 1)
+        for key in ("test_size", "test_max_size"):
+            if getattr(self, key) is not None:
+                _check_int(f"data.{key}", getattr(self, key), 1)
+        if self.recipe in ("none", "hflip") and (self.test_size is None) != (self.test_max_size is None):
+            raise ValueError(
+                f"data.test_size={self.test_size!r}, data.test_max_size={self.test_max_size!r}: recipe "
+                f"{self.recipe!r} does not resize, so there is nothing to derive the other from; give both or neither"
+            )
+        resize = self.test_resize()
+        if resize is not None and resize[1] < resize[0]:
+            raise ValueError(
+                f"data.test_max_size={resize[1]} (longer-side cap of evaluation images) is below "
+                f"data.test_size={resize[0]} (their shorter side): expected test_max_size >= test_size"
+            )
+
+    def test_resize(self) -> Optional[tuple[int, int]]:
+        """(shorter side, longer-side cap) of evaluation images, or None to leave it to the model spec.
+
+        Evaluation must see images at the resolution training saw them, so unless ``test_size`` /
+        ``test_max_size`` are given they come from the training recipe: ``multiscale`` evaluates at
+        its largest scale (``max(scales)``, ``max_size``), as detectron2's and the torchvision
+        references' multi-scale recipes do; ``lsj`` at ``lsj_size``. ``none`` and ``hflip`` do not
+        resize: the model spec's ``min_size``/``max_size`` then drive training and evaluation alike.
+        A single given value keeps the other from the recipe.
+        """
+        derived = {"multiscale": (max(self.scales), self.max_size), "lsj": (self.lsj_size, self.lsj_size)}.get(self.recipe)
+        if derived is None and self.test_size is None:
+            return None
+        size = self.test_size if self.test_size is not None else derived[0]
+        cap = self.test_max_size if self.test_max_size is not None else derived[1]
+        return size, cap
 
 
 @dataclass(frozen=True)
@@ -81,8 +125,15 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _check_choice("optimizer.name", self.name, ("sgd", "adamw", "lamb"))
         _check_choice("optimizer.lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
-        _check_positive("optimizer.lr", self.lr)
-        _check_positive("optimizer.base_batch_size", self.base_batch_size)
+        _check_real("optimizer.lr", self.lr, 0, open_low=True)
+        _check_int("optimizer.base_batch_size", self.base_batch_size, 1)
+        _check_real("optimizer.momentum", self.momentum, 0, 1, open_high=True)
+        _check_real("optimizer.weight_decay", self.weight_decay, 0)
+        if len(self.betas) != 2:
+            raise ValueError(f"optimizer.betas={list(self.betas)!r}: expected exactly 2 numbers in [0, 1)")
+        for beta in self.betas:
+            _check_real("optimizer.betas", beta, 0, 1, open_high=True)
+        _check_real("optimizer.eps", self.eps, 0, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -104,14 +155,24 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _check_choice("schedule.warmup", self.warmup, ("linear", "exponential", "none"))
         _check_choice("schedule.decay", self.decay, ("step", "cosine", "none"))
-        if any(not 0 < m < 1 for m in self.milestones):
+        _check_int("schedule.warmup_iters", self.warmup_iters, 0)
+        _check_real("schedule.warmup_ratio", self.warmup_ratio, 0, 1, open_low=True)
+        _check_real("schedule.gamma", self.gamma, 0, 1, open_low=True)
+        _check_real("schedule.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if any(not (_is_real(m) and 0 < m < 1) for m in self.milestones):
             raise ValueError(f"schedule.milestones={self.milestones!r}: fractions of the run in (0, 1) expected")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Length of the run and how often it logs, evaluates and checkpoints (in optimizer steps
-    where the name says iters, else in epochs)."""
+    where the name says iters, else in epochs).
+
+    ``max_consecutive_skips``: a run whose loss stays non-finite has diverged; after this many
+    consecutive skipped micro-batches it stops with an error instead of skipping forever.
+    ``dist_timeout_s``: the process-group timeout, how long a collective waits for a rank that is
+    gone or stuck before the job fails.
+    """
 
     epochs: int = 12
     max_iters: Optional[int] = None
@@ -123,10 +184,17 @@ class TrainConfig:
     checkpoint_iters: Optional[int] = None
     keep_checkpoints: int = 2
     skip_nonfinite_loss: bool = True
+    max_consecutive_skips: int = 20
+    dist_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _check_positive("train.epochs", self.epochs)
-        _check_positive("train.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        for key in ("epochs", "gradient_accumulation_steps", "log_interval", "eval_interval", "checkpoint_interval",
+                    "keep_checkpoints", "max_consecutive_skips"):
+            _check_int(f"train.{key}", getattr(self, key), 1)
+        for key in ("max_iters", "checkpoint_iters"):
+            if getattr(self, key) is not None:
+                _check_int(f"train.{key}", getattr(self, key), 1)
+        _check_real("train.dist_timeout_s", self.dist_timeout_s, 0, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -235,6 +303,28 @@ def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{key}={value!r}: expected one of {list(choices)}")
 
 
-def _check_positive(key: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{key}={value!r}: expected a number > 0")
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{key}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_real(key: str, value: Any, low: float, high: float = math.inf, *,
+                open_low: bool = False, open_high: bool = False) -> None:
+    """Refuses anything but a finite number in the interval from ``low`` to ``high``, stating the interval."""
+    if not (
+        _is_real(value) and math.isfinite(value)
+        and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+    ):
+        if math.isinf(high):
+            allowed = f"{'>' if open_low else '>='} {low:g}"
+        else:
+            allowed = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"{key}={value!r}: expected a finite number {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
