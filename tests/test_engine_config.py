@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +13,19 @@ from agvm_ds.engine.config import OptimizerConfig, ScheduleConfig
 from agvm_ds.engine.plots import main as plot_main
 
 
-def test_every_shipped_experiment_config_loads():
-    from pathlib import Path
+def coco_paths(root: Path) -> list[str]:
+    """Overrides pointing the four data.* paths of a COCO config at existing (empty) files and folders."""
+    (root / "images").mkdir(exist_ok=True)
+    (root / "ann.json").write_text("{}")
+    return [f"data.train_images={root / 'images'}", f"data.train_ann={root / 'ann.json'}",
+            f"data.val_images={root / 'images'}", f"data.val_ann={root / 'ann.json'}"]
 
+
+def test_every_shipped_experiment_config_loads(tmp_path):
     configs = sorted(Path("configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        config = load_config(path)
+        config = load_config(path, coco_paths(tmp_path) if "dataset: coco" in path.read_text() else [])
         assert Path(config.deepspeed).is_file(), path
 
 
@@ -156,3 +163,108 @@ def test_one_test_size_without_a_resizing_recipe_is_refused():
 def test_new_train_keys_have_their_defaults():
     train = load_config(None).train
     assert train.max_consecutive_skips == 20 and train.dist_timeout_s == 300.0
+
+
+def test_scientific_notation_is_a_float_in_overrides_and_files(tmp_path):
+    assert load_config(None, ["optimizer.lr=1e-3", "optimizer.eps=1E-6"]).optimizer.lr == 0.001
+    path = tmp_path / "exp.yaml"
+    path.write_text("optimizer:\n  lr: 2e-4\n  weight_decay: 5e-2\n")
+    optimizer = load_config(path).optimizer
+    assert optimizer.lr == 0.0002 and optimizer.weight_decay == 0.05
+
+
+def test_malformed_override_is_one_line_naming_it():
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["train.epochs=[1"])
+    message = str(error.value)
+    assert message.startswith("override 'train.epochs=[1': the value is not valid YAML") and "\n" not in message
+
+
+def test_malformed_yaml_file_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ValueError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"experiment config {path}: not valid YAML") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints=-1: expected an integer >= 1"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0: expected an integer >= 1"),
+    ("train.log_interval=0", "train.log_interval=0: expected an integer >= 1"),
+    ("train.eval_interval=0", "train.eval_interval=0: expected an integer >= 1"),
+    ("train.checkpoint_interval=0", "train.checkpoint_interval=0: expected an integer >= 1"),
+    ("train.checkpoint_iters=0", "train.checkpoint_iters=0: expected an integer >= 1"),
+    ("train.max_iters=-5", "train.max_iters=-5: expected an integer >= 1"),
+    ("optimizer.lr=.nan", "optimizer.lr=nan: expected a finite number"),
+    ("optimizer.lr=.inf", "optimizer.lr=inf: expected a finite number"),
+    ("optimizer.lr=0", "optimizer.lr=0.0: expected a finite number > 0"),
+    ("optimizer.eps=-1e-8", "optimizer.eps=-1e-08: expected a finite number > 0"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1: expected a finite number >= 0"),
+    ("optimizer.momentum=1.0", "optimizer.momentum=1.0: expected a finite number in [0, 1)"),
+    ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: expected exactly 2 numbers in [0, 1)"),
+    ("optimizer.betas=[0.9,1.0]", "optimizer.betas=1.0: expected a finite number in [0, 1)"),
+    ("schedule.gamma=0", "schedule.gamma=0.0: expected a finite number in (0, 1]"),
+    ("schedule.warmup_ratio=1.5", "schedule.warmup_ratio=1.5: expected a finite number in (0, 1]"),
+    ("schedule.warmup_iters=-1", "schedule.warmup_iters=-1: expected an integer >= 0"),
+    ("agvm.clamp_max=.inf", "agvm.clamp_max=inf: expected a finite number"),
+    ("data.num_workers=-1", "data.num_workers=-1: expected an integer >= 0"),
+    ("data.scales=[]", "data.scales=(): expected a non-empty list"),
+    ("data.scales=[640,0]", "data.scales=0: expected an integer >= 1"),
+    ("data.max_size=0", "data.max_size=0: expected an integer >= 1"),
+    ("data.lsj_size=-1", "data.lsj_size=-1: expected an integer >= 1"),
+    ("data.synthetic_size=0", "data.synthetic_size=0: expected an integer >= 1"),
+    ("data.recipe=mosaic", "data.recipe='mosaic': expected one of ['none', 'hflip', 'multiscale', 'lsj']"),
+])
+def test_nonsense_values_are_refused_with_what_is_allowed(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_model_and_model_overrides_are_checked_at_load_time():
+    with pytest.raises(ValueError, match=r"unknown model 'faster_rcnn_r18_tiyn'; known models are \[.*'faster_rcnn_r18_tiny'"):
+        load_config(None, ["model=faster_rcnn_r18_tiyn"])
+    with pytest.raises(ValueError, match=r"model_overrides: unknown key\(s\) \['model_overrides.foo'\]; valid keys are .*'min_size'"):
+        load_config(None, ["model_overrides.foo=1"])
+    with pytest.raises(ValueError, match=r"min_size=8 is invalid"):
+        load_config(None, ["model_overrides.min_size=8"])
+    with pytest.raises(ValueError, match=r"detector_kwargs.rpn_nms_treshold is not a knob"):
+        load_config(None, ["model_overrides.detector_kwargs.rpn_nms_treshold=0.5"])
+    assert load_config(None, ["model_overrides.detector_kwargs.rpn_nms_thresh=0.5"]).model_overrides == {
+        "detector_kwargs": {"rpn_nms_thresh": 0.5}}
+
+
+@pytest.mark.parametrize("key, instead", [
+    ("train_micro_batch_size_per_gpu", "data.batch_size_per_rank"),
+    ("gradient_accumulation_steps", "train.gradient_accumulation_steps"),
+    ("train_batch_size", "data.batch_size_per_rank"),
+])
+def test_deepspeed_overrides_may_not_set_what_the_trainer_owns(key, instead):
+    with pytest.raises(ValueError, match=f"deepspeed_overrides.{key}: the trainer sets it .*set {instead}"):
+        load_config(None, [f"deepspeed_overrides.{key}=8"])
+
+
+def test_deepspeed_file_is_checked_at_load_time_and_the_shipped_ones_listed(tmp_path):
+    with pytest.raises(ValueError, match=r"deepspeed='ds_configs/zero9.json': file not found.*zero2_fp32.json"):
+        load_config(None, ["deepspeed=ds_configs/zero9.json"])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"zero_optimization\": ")
+    with pytest.raises(ValueError, match=f"deepspeed='{broken}': not a JSON file"):
+        load_config(None, [f"deepspeed={broken}"])
+
+
+def test_coco_data_paths_must_exist_at_load_time(tmp_path):
+    paths = coco_paths(tmp_path)
+    assert load_config(None, ["data.dataset=coco", *paths]).data.val_ann == str(tmp_path / "ann.json")
+    missing = tmp_path / "val.json"
+    with pytest.raises(ValueError) as error:
+        load_config(None, ["data.dataset=coco", *paths, f"data.val_ann={missing}"])
+    assert str(error.value) == f"data.val_ann={str(missing)!r}: annotation file not found"
+
+
+def test_cli_reports_a_malformed_override_in_one_line(capsys):
+    assert train_main(["--config", "configs/synthetic_tiny.yaml", "train.epochs=[1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["agvm-train: override 'train.epochs=[1': the value is not valid YAML "
+                                        "(expected ',' or ']', but got '<stream end>' at line 1, column 3)"]

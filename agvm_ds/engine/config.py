@@ -7,19 +7,31 @@ scalars (``lr=0.02``, ``agvm.enabled=false``, ``data.scales=[224,256]``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
 
 from ..agvm import AGVMConfig
-from ..config_checks import read_yaml_mapping, reject_unknown_keys
+from ..config_checks import parse_yaml, read_yaml_mapping, reject_unknown_keys, yaml_problem
 from ..data.transforms import RECIPES
+from ..detection.spec import ModelSpec, load_spec
 
+DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+"""The ``ds_configs/`` folder of the checkout holding the shipped DeepSpeed configs."""
+
+#: DeepSpeed keys the trainer derives from the experiment -> the experiment key to set instead.
+TRAINER_OWNED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "data.batch_size_per_rank",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "train_batch_size": "data.batch_size_per_rank and train.gradient_accumulation_steps (times the ranks)",
+}
 _COCO_PATH_KEYS = ("train_images", "train_ann", "val_images", "val_ann")
 
 __all__ = [
@@ -215,30 +227,83 @@ class ExperimentConfig:
     output_dir: str = "runs/default"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key, instead in TRAINER_OWNED_DEEPSPEED_KEYS.items():
+            if key in self.deepspeed_overrides:
+                raise ValueError(f"deepspeed_overrides.{key}: the trainer sets it from the experiment; set {instead} instead")
+        reject_unknown_keys(ModelSpec, {k.split(".")[0]: v for k, v in self.model_overrides.items()},
+                            "model_overrides", "model_overrides.")
+        if not self.output_dir:
+            raise ValueError("output_dir='': expected the directory of the run")
+        _check_int("seed", self.seed, 0)
+
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
 
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Reads a YAML experiment file (or the defaults) and applies ``key.sub=value`` overrides."""
+    """Reads a YAML experiment file (or the defaults), applies ``key.sub=value`` overrides, and checks
+    what the config refers to: the model definition with its overrides, the DeepSpeed JSON file and,
+    for ``data.dataset: coco``, the image folders and annotation files.
+
+    Raises:
+        ValueError: one line naming the key (and the file) at fault and what is allowed.
+    """
     values = read_yaml_mapping(path, "experiment config") if path is not None else {}
     for key, value in parse_overrides(overrides).items():
         _set_dotted(values, key, value)
     try:
-        return _build(ExperimentConfig, values, "")
+        config = _build(ExperimentConfig, values, "")
+        _check_references(config)
     except (TypeError, ValueError) as error:
         where = f"{path}: " if path is not None else ""
         raise ValueError(f"{where}{error}") from None
+    return config
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``key.sub=value`` strings as {dotted key: value}, values read as YAML (``1e-3`` is a float)."""
     parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            parsed[key.strip()] = parse_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({yaml_problem(error)})") from None
     return parsed
+
+
+def _check_references(config: ExperimentConfig) -> None:
+    """The files and definitions a config names exist and are what they should be (see ``load_config``)."""
+    try:
+        load_spec(config.model, config.model_overrides)
+    except FileNotFoundError as error:
+        raise ValueError(f"model={config.model!r}: {error}") from None
+    _check_deepspeed_file(config.deepspeed)
+    if config.data.dataset == "coco":
+        for key in _COCO_PATH_KEYS:
+            path = Path(getattr(config.data, key))
+            is_dir = key.endswith("_images")
+            if not (path.is_dir() if is_dir else path.is_file()):
+                raise ValueError(f"data.{key}={str(path)!r}: {'image folder' if is_dir else 'annotation file'} not found")
+
+
+def _check_deepspeed_file(deepspeed: str) -> None:
+    path = Path(deepspeed)
+    shipped = ", ".join(sorted(p.name for p in DS_CONFIGS_DIR.glob("*.json")))
+    if not path.is_file():
+        raise ValueError(
+            f"deepspeed={deepspeed!r}: file not found (a relative path is read from {Path.cwd()}); "
+            f"the shipped configs in {DS_CONFIGS_DIR} are {shipped}"
+        )
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"deepspeed={deepspeed!r}: not a JSON file ({error})") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"deepspeed={deepspeed!r}: expected a JSON object at the top level")
 
 
 def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
@@ -285,6 +350,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value!r}: expected a finite number")
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ValueError(f"{key}={value!r}: expected {hint.__name__}")
     return value
