@@ -236,6 +236,115 @@ def test_skip_invalid_drops_them_with_one_warning_listing_ids(tmp_path):
     assert sorted(ds.coco.anns) == [103]  # the evaluator's ground truth agrees with the targets
 
 
+def test_duplicate_annotation_id_is_one_error_naming_it(tmp_path):
+    data = _tiny_coco_dict()
+    data["annotations"][1]["id"] = 101
+    images, ann = _write_tiny_coco(tmp_path, data)
+    with pytest.raises(ValueError, match=r"1 invalid annotation\(s\).*\n  annotation id 101, image a.png \(id 11\): "
+                                         r"duplicate annotation id$") as err:
+        CocoDetection(images, ann)
+    assert str(ann) in str(err.value)
+
+
+def _structure_error(tmp_path: Path, data_or_text) -> str:
+    images, ann = _write_tiny_coco(tmp_path)
+    ann.write_text(data_or_text if isinstance(data_or_text, str) else json.dumps(data_or_text))
+    with pytest.raises(ValueError) as err:
+        CocoDetection(images, ann)
+    message = str(err.value)
+    assert message.startswith(f"{ann}: ") and "\n" not in message
+    return message[len(f"{ann}: "):]
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    message = _structure_error(tmp_path, '{"images": [{"id": 1,}]}')
+    assert message.startswith("not a valid JSON file (Expecting property name enclosed in double quotes: line 1")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["images"][1].update(id=11), "duplicate image id 11 (image entries 0 and 1)"),
+    (lambda d: d["images"][1].pop("width"), "image id 12 has no 'width'"),
+    (lambda d: d["images"][0].pop("height"), "image id 11 has no 'height'"),
+    (lambda d: d["images"][0].update(width=0), "image id 11 has an invalid 'width': 0"),
+    (lambda d: d["images"][1].pop("id"), "image entry 1 has no 'id'"),
+    (lambda d: d["images"][1].update(file_name=None), "image id 12 has an invalid 'file_name': None"),
+    (lambda d: d["categories"].append({"id": 3, "name": "again"}), "duplicate category id 3 (category entries 0 and 3)"),
+    (lambda d: d["annotations"].append([1, 2]), "annotations[3] is not a JSON object"),
+    (lambda d: d.pop("categories"), "not a COCO instances file (no 'categories' list)"),
+])
+def test_bad_image_or_category_entry_is_one_error_naming_file_and_entry(tmp_path, change, expected):
+    data = _tiny_coco_dict()
+    change(data)
+    assert _structure_error(tmp_path, data) == expected
+
+
+def _mode_dataset(tmp_path: Path, image: Image.Image, file_name: str) -> CocoDetection:
+    """A one-image dataset whose image file PIL writes in ``image``'s mode."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    image.save(images / file_name)
+    width, height = image.size
+    data = {"images": [{"id": 1, "file_name": file_name, "width": width, "height": height}],
+            "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return CocoDetection(images, tmp_path / "ann.json")
+
+
+def _image(mode: str, values) -> Image.Image:
+    image = Image.new(mode, (3, 2))
+    image.putdata([values] * 6)
+    return image
+
+
+def _palette_image(transparent: bool) -> Image.Image:
+    image = Image.new("P", (3, 2))
+    image.putpalette([10, 20, 30, 200, 100, 0] + [0] * 762)
+    image.putdata([1, 0, 1, 1, 1, 1])
+    if transparent:
+        image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.parametrize("make, file_name, expected", [
+    (lambda: Image.fromarray(np.full((2, 3), 135 * 257, np.uint16)), "grey16.png", (135, 135, 135)),  # I;16
+    (lambda: _image("I;16B", 135 * 257), "grey16b.tif", (135, 135, 135)),
+    (lambda: _image("I", 65535), "grey32.tif", (255, 255, 255)),
+    (lambda: _image("I;16", 128), "dark16.png", (0, 0, 0)),  # 128/257 rounds to 0, not clipped to 128
+    (lambda: _image("L", 77), "grey.png", (77, 77, 77)),
+    (lambda: _image("1", 1), "bits.png", (255, 255, 255)),
+    (lambda: _image("LA", (100, 50)), "grey_alpha.png", (100, 100, 100)),
+    (lambda: _image("RGBA", (1, 2, 3, 0)), "rgba.png", (1, 2, 3)),
+    (lambda: _image("CMYK", (0, 255, 0, 0)), "cmyk.tif", (255, 0, 255)),
+    (lambda: _image("CMYK", (0, 0, 0, 255)), "cmyk_black.tif", (0, 0, 0)),
+    (lambda: _palette_image(transparent=False), "palette.png", (10, 20, 30)),
+    (lambda: _palette_image(transparent=True), "palette_alpha.png", (10, 20, 30)),  # the transparent index
+])
+def test_image_modes_decode_to_the_right_8bit_rgb(tmp_path, make, file_name, expected):
+    image = make()
+    ds = _mode_dataset(tmp_path, image, file_name)
+    assert Image.open(tmp_path / "images" / file_name).mode == image.mode  # the file really is in that mode
+    decoded, _ = ds[0]
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 2, 3)
+    assert decoded[:, 0, 1].tolist() == list(expected)
+
+
+def test_16bit_image_scales_the_full_range(tmp_path):
+    ramp = np.array([[0, 257, 32896], [65535, 65534, 200]], np.uint16)
+    decoded, _ = _mode_dataset(tmp_path, Image.fromarray(ramp), "ramp.png")[0]
+    assert decoded[0].tolist() == [[0, 1, 128], [255, 255, 1]]
+
+
+@pytest.mark.parametrize("make, file_name, mode", [
+    (lambda: _image("F", 0.5), "float.tif", "F"),
+    (lambda: _image("I", -5), "negative.tif", "I"),
+])
+def test_unsupported_image_mode_is_refused_by_name_and_path(tmp_path, make, file_name, mode):
+    ds = _mode_dataset(tmp_path, make(), file_name)
+    with pytest.raises(ImageReadError) as err:
+        ds[0]
+    assert str(tmp_path / "images" / file_name) in str(err.value) and repr(mode) in str(err.value)
+
+
 def test_missing_annotation_file_raises_file_not_found_naming_it(tmp_path):
     missing = tmp_path / "nope" / "instances.json"
     with pytest.raises(FileNotFoundError, match=str(missing)):

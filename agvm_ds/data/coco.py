@@ -44,7 +44,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-__all__ = ["CocoDetection", "ImageReadError", "decode_segmentation"]
+__all__ = ["EIGHT_BIT_MODES", "SIXTEEN_BIT_MODES", "CocoDetection", "ImageReadError", "decode_segmentation"]
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
@@ -76,8 +76,13 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Raises:
         FileNotFoundError: ``ann_file`` or ``image_dir`` does not exist.
-        ValueError: invalid annotations (see :meth:`_find_invalid`), naming the annotation file,
-            the image file and the annotation id.
+        ValueError: a file that is not valid JSON, an image entry without a unique ``id``, a
+            ``file_name`` or a positive ``width``/``height``, a duplicate category id (one line naming
+            the file and the entry); invalid annotations (see :meth:`_find_invalid`), naming the
+            annotation file, the image file and the annotation id.
+
+    Images are read as 8-bit RGB from any of :data:`EIGHT_BIT_MODES` and :data:`SIXTEEN_BIT_MODES`
+    (16-bit greyscale is scaled, not clipped); another mode raises :class:`ImageReadError` naming it.
     """
 
     def __init__(
@@ -98,11 +103,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.with_masks = with_masks
 
-        with open(self.ann_file) as f:
-            data = json.load(f)
-        for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise ValueError(f"{self.ann_file}: not a COCO instances file (no '{key}' list)")
+        data = _read_instances(self.ann_file)
         invalid = self._find_invalid(data)
         if invalid:
             if not skip_invalid:
@@ -233,6 +234,62 @@ class CocoDetection(torch.utils.data.Dataset):
         return None
 
 
+def _read_instances(ann_file: Path) -> dict[str, Any]:
+    """The json of a COCO instances file, its structure checked: one error line names the file and entry.
+
+    Per-annotation problems are left to :meth:`CocoDetection._find_invalid` (they can be skipped);
+    a malformed file, or an image or category entry that is not what COCO says, cannot be.
+    """
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{ann_file}: not a valid JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: not a COCO instances file (the top level is not a JSON object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{ann_file}: not a COCO instances file (no '{key}' list)")
+    _check_entries(ann_file, data["images"], "image", {"id": _is_int, "file_name": _is_name,
+                                                        "width": _is_size, "height": _is_size})
+    _check_entries(ann_file, data["categories"], "category", {"id": _is_int})
+    for index, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{ann_file}: annotations[{index}] is not a JSON object")
+    return data
+
+
+def _check_entries(ann_file: Path, entries: list[Any], what: str, fields: dict[str, Callable[[Any], bool]]) -> None:
+    """Every entry is an object whose ``fields`` pass their check, and ids are unique."""
+    first_at: dict[int, int] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{ann_file}: {what} entry {index} is not a JSON object")
+        where = f"{what} id {entry['id']}" if "id" in entry else f"{what} entry {index}"
+        for key, valid in fields.items():
+            if key not in entry:
+                raise ValueError(f"{ann_file}: {where} has no '{key}'")
+            if not valid(entry[key]):
+                raise ValueError(f"{ann_file}: {where} has an invalid '{key}': {entry[key]!r}")
+        if entry["id"] in first_at:
+            raise ValueError(
+                f"{ann_file}: duplicate {what} id {entry['id']} ({what} entries {first_at[entry['id']]} and {index})"
+            )
+        first_at[entry["id"]] = index
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_size(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     """A COCO segmentation (polygons, uncompressed or compressed RLE) as an H x W uint8 mask."""
     if isinstance(segmentation, list):  # polygons
@@ -244,13 +301,40 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     return mask_utils.decode(rle)
 
 
+#: PIL modes read as 8-bit RGB: 8-bit modes through PIL's own conversion (alpha dropped, as
+#: torchvision's ``read_image(mode=RGB)`` and detectron2 do; a palette with transparency through
+#: RGBA), 16-bit greyscale (PNG) scaled by 255 / 65535 (not clipped).
+EIGHT_BIT_MODES: tuple[str, ...] = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK")
+SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _read_rgb(path: Path) -> tv_tensors.Image:
-    """Decode an image file to a 3 x H x W uint8 tensor; errors name the file (even in workers)."""
+    """Decode an image file to a 3 x H x W uint8 RGB tensor; errors name the file (even in workers)."""
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+            mode = img.mode
+            if mode in EIGHT_BIT_MODES or mode in SIXTEEN_BIT_MODES:
+                array = _rgb_array(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
         raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-    return tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+    if mode not in EIGHT_BIT_MODES and mode not in SIXTEEN_BIT_MODES:
+        raise ImageReadError(
+            f"cannot read image {path}: PIL mode {mode!r} is not supported; "
+            f"supported modes are {', '.join(EIGHT_BIT_MODES + SIXTEEN_BIT_MODES)}"
+        )
+    return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 of an image in one of the supported modes."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.int64)  # I;16B arrives big-endian, I as int32
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise ValueError(f"mode {img.mode!r} values in [{values.min()}, {values.max()}], outside 16 bits")
+        grey = np.rint(values / 257.0).astype(np.uint8)  # 65535 -> 255
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.array(img.convert("RGB"))
