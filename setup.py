@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["agvm_ds", "agvm_ds.*"]),
+    packages=find_packages(include=["agvm_ds", "agvm_ds.*", "ltcr", "ltcr.*"]),
+    package_data={"ltcr": ["configs/*.yaml"]},
     install_requires=[
         # torch from the package index (its CUDA build also runs on CPU); torchvision wheels link
         # libtorch_cuda, so a CPU-only torch wheel would break `import torchvision` and timm.
@@ -20,6 +21,7 @@ setup(
         "tqdm",
         "matplotlib",
         "tensorboard",
+        "gymnasium[box2d]>=1.0",  # LTCR's environments; the box2d extra (Box2D + pygame-ce) is LunarLander-v3's
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
     entry_points={
@@ -27,6 +29,7 @@ setup(
             "agvm-train=agvm_ds.engine.cli:main",
             "agvm-model-info=agvm_ds.detection.summary:main",
             "agvm-plot=agvm_ds.engine.plots:main",
+            "ltcr-train=ltcr.cli:main",
         ]
     },
 )

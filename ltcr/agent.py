@@ -1,0 +1,126 @@
+"""One C51 learner: online and target networks, epsilon-greedy acting, replay, and an optional distillation term."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .c51 import CategoricalQNetwork, categorical_cross_entropy, distribution_entropy, project_distribution
+from .config import AgentConfig
+from .replay import ReplayBuffer
+
+__all__ = ["C51Agent", "DistillationTargets", "Outlook"]
+
+
+@dataclass
+class DistillationTargets:
+    """What this agent's teachers sent in the last round: for each state, the teacher's greedy action and the
+    teacher's distribution of that action's return. Kept fixed until the next round replaces it."""
+
+    states: torch.Tensor     # [n, obs_dim]
+    actions: torch.Tensor    # [n] int64
+    probs: torch.Tensor      # [n, atoms]
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+
+@dataclass
+class Outlook:
+    """An agent's view of a batch of states: its greedy action, that action's distribution, and its entropy."""
+
+    actions: torch.Tensor    # [n]
+    probs: torch.Tensor      # [n, atoms]
+    entropy: torch.Tensor    # [n]
+
+
+class C51Agent:
+    def __init__(self, config: AgentConfig, obs_dim: int, n_actions: int, v_min: float, v_max: float,
+                 seed: int, device: torch.device) -> None:
+        self.config, self.n_actions, self.device = config, n_actions, device
+        torch.manual_seed(seed)
+        support = torch.linspace(v_min, v_max, config.atoms)
+        self.online = CategoricalQNetwork(obs_dim, n_actions, support, config.hidden).to(device)
+        self.target = CategoricalQNetwork(obs_dim, n_actions, support, config.hidden).to(device)
+        self.target.load_state_dict(self.online.state_dict())
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.lr)
+        self.replay = ReplayBuffer(config.buffer_size, obs_dim)
+        self.rng = np.random.default_rng(seed)
+        self.distillation: Optional[DistillationTargets] = None
+        self.updates = 0
+
+    def epsilon(self, step: int) -> float:
+        c = self.config
+        return c.eps_start + (c.eps_final - c.eps_start) * min(1.0, step / c.eps_decay_steps)
+
+    @torch.no_grad()
+    def greedy_action(self, obs: np.ndarray) -> int:
+        obs_t = torch.as_tensor(obs, device=self.device)[None]
+        return int(self.online.q_values(self.online(obs_t)).argmax(1).item())
+
+    def act(self, obs: np.ndarray, step: int) -> int:
+        if self.rng.random() < self.epsilon(step):
+            return int(self.rng.integers(self.n_actions))
+        return self.greedy_action(obs)
+
+    @torch.no_grad()
+    def outlook(self, states: torch.Tensor) -> Outlook:
+        log_probs = self.online(states.to(self.device))
+        actions = self.online.q_values(log_probs).argmax(1)
+        probs = log_probs.exp()[torch.arange(len(actions), device=self.device), actions]
+        return Outlook(actions=actions, probs=probs, entropy=distribution_entropy(probs))
+
+    def td_loss(self) -> torch.Tensor:
+        batch = self.replay.gather(self.rng.integers(len(self.replay), size=self.config.batch_size))
+        obs, next_obs = (torch.as_tensor(x, device=self.device) for x in (batch.obs, batch.next_obs))
+        actions = torch.as_tensor(batch.actions, device=self.device)
+        rows = torch.arange(len(actions), device=self.device)
+        with torch.no_grad():
+            next_log_probs = self.target(next_obs)
+            next_actions = self.target.q_values(next_log_probs).argmax(1)
+            target = project_distribution(next_log_probs.exp()[rows, next_actions],
+                                          torch.as_tensor(batch.rewards, device=self.device),
+                                          torch.as_tensor(batch.terminated, device=self.device),
+                                          self.config.gamma, self.online.support)
+        return categorical_cross_entropy(target, self.online(obs)[rows, actions])
+
+    def distill_loss(self) -> torch.Tensor:
+        """Cross-entropy from the teachers' distributions to ours, for the teachers' greedy actions."""
+        targets = self.distillation
+        index = torch.as_tensor(self.rng.integers(len(targets), size=min(self.config.batch_size, len(targets))))
+        log_probs = self.online(targets.states[index].to(self.device))
+        chosen = log_probs[torch.arange(len(index), device=self.device), targets.actions[index].to(self.device)]
+        return categorical_cross_entropy(targets.probs[index].to(self.device), chosen)
+
+    def train_step(self, distill_weight: float) -> dict[str, float]:
+        """One gradient step on the C51 loss, plus ``distill_weight`` x the distillation loss when a teacher spoke."""
+        loss = td = self.td_loss()
+        stats = {"td_loss": td.item()}
+        if self.distillation is not None and len(self.distillation) and distill_weight > 0:
+            distill = self.distill_loss()
+            loss = loss + distill_weight * distill
+            stats["distill_loss"] = distill.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.config.target_update == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"online": self.online.state_dict(), "target": self.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "replay": self.replay.state_dict(),
+                "rng": self.rng.bit_generator.state, "distillation": self.distillation, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.online.load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.replay.load_state_dict(state["replay"])
+        self.rng.bit_generator.state = state["rng"]
+        self.distillation = state["distillation"]
+        self.updates = state["updates"]

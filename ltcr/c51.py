@@ -1,0 +1,68 @@
+"""Categorical DQN (C51, Bellemare et al. 2017): the value distribution network, its Bellman projection and losses.
+
+LTCR distils these distributions rather than Q-values: they live on a fixed, bounded support, so a teacher's
+distribution is a valid target for any student with the same support, however differently scaled their
+networks' raw outputs are.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CategoricalQNetwork", "project_distribution", "categorical_cross_entropy", "distribution_entropy"]
+
+
+class CategoricalQNetwork(nn.Module):
+    """An MLP from an observation to ``n_actions`` categorical distributions over the ``support`` atoms."""
+
+    def __init__(self, obs_dim: int, n_actions: int, support: torch.Tensor, hidden: Sequence[int] = (128, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        layers.append(nn.Linear(width, n_actions * support.numel()))
+        self.body = nn.Sequential(*layers)
+        self.n_actions = n_actions
+        self.register_buffer("support", support.clone())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities, shape ``[batch, n_actions, atoms]``."""
+        logits = self.body(obs).view(obs.shape[0], self.n_actions, self.support.numel())
+        return F.log_softmax(logits, dim=-1)
+
+    def q_values(self, log_probs: torch.Tensor) -> torch.Tensor:
+        return (log_probs.exp() * self.support).sum(-1)
+
+
+def project_distribution(next_probs: torch.Tensor, rewards: torch.Tensor, terminated: torch.Tensor,
+                         gamma: float, support: torch.Tensor) -> torch.Tensor:
+    """Projects the target distribution of ``r + gamma (1 - terminated) Z'`` back onto ``support``.
+
+    Each shifted atom ``Tz_j`` (clamped into ``[v_min, v_max]``) gives its probability to its two neighbouring
+    atoms in proportion to closeness (Algorithm 1 of the C51 paper); an atom that lands exactly on a support
+    point gives it everything.
+    """
+    v_min, v_max = float(support[0]), float(support[-1])
+    delta = (v_max - v_min) / (support.numel() - 1)
+    shifted = rewards[:, None] + gamma * (1.0 - terminated[:, None]) * support[None, :]
+    position = (shifted.clamp(v_min, v_max) - v_min) / delta
+    lower, upper = position.floor().long(), position.ceil().long()
+    projected = torch.zeros_like(next_probs)
+    projected.scatter_add_(1, lower, next_probs * (upper.to(position.dtype) - position + (lower == upper).to(position.dtype)))
+    projected.scatter_add_(1, upper, next_probs * (position - lower.to(position.dtype)))
+    return projected
+
+
+def categorical_cross_entropy(target_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum_z p(z) log q(z)``: the C51 loss and the distillation loss alike."""
+    return -(target_probs * log_probs).sum(-1).mean()
+
+
+def distribution_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy over the last (atom) dimension; low entropy = a confident value estimate."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1)
