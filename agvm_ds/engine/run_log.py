@@ -2,12 +2,16 @@
 
 DeepSpeed's monitor (TensorBoard/CSV, from the ``ds_configs`` sections) receives the same scalars
 for live viewing; these files are the run's own record, independent of which monitor is enabled.
+They are strict JSON lines: a non-finite number (a skipped NaN loss, an infinite ratio) is written
+as ``null``, since ``NaN`` and ``Infinity`` are not JSON and strict readers (jq, JavaScript,
+Go) reject them; :func:`read_records` reads a ``null`` back as NaN.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["RunLog", "read_records"]
 
@@ -35,7 +39,7 @@ class RunLog:
             path = self.run_dir / name
             if path.exists():
                 kept = [r for r in read_records(path) if r["iteration"] <= iteration]
-                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                path.write_text("".join(_json_line(r) for r in kept))
 
     def train(self, record: dict[str, Any]) -> None:
         self._append(TRAIN_FILE, record)
@@ -46,10 +50,25 @@ class RunLog:
     def _append(self, name: str, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.run_dir / name, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(_json_line(record))
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    finite = _map_leaves(record, lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_leaves(v, leaf) for v in value]
+    return leaf(value)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a log file, a ``null`` read back as NaN (records hold numbers; NaN keeps
+    ``math.isfinite`` the one test readers need)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -61,6 +80,6 @@ def _lines(path: Path) -> Iterator[dict[str, Any]]:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield _map_leaves(json.loads(line), lambda v: math.nan if v is None else v)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
