@@ -156,7 +156,11 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: the value is not valid YAML") from None
+        _set_dotted(values, key.strip(), value)
     try:
         return _build(LTCRConfig, values, "")
     except (TypeError, ValueError) as error:

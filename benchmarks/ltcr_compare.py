@@ -1,0 +1,150 @@
+"""Independent C51 vs experience sharing vs distillation vs full LTCR: team-mean return against environment steps.
+
+    python benchmarks/ltcr_compare.py --env CartPole-v1 --seeds 0 1 2 [--steps 20000] [key=value ...]
+    python benchmarks/ltcr_compare.py --env CartPole-v1 --seeds 0 1 2 --report-only
+
+Each (environment, variant, seed) is one team of ``--agents`` ranks started with torchrun
+(``python -m torch.distributed.run --standalone``), trained by ``ltcr.cli`` from the shipped config of the
+environment plus the variant's switches and any ``key=value`` overrides. A finished run (its ``latest``
+checkpoint is the last step) is skipped; an interrupted one resumes from its checkpoint. Afterwards the team-mean
+evaluation returns are gathered into ``<out>/results.md``, ``<out>/results.csv`` and ``<out>/team_return.png``:
+mean and spread (standard deviation, min-max) over seeds, the area under the curve (the mean team return over
+all evaluations, i.e. the normalised AUC) and the environment steps per agent at which the team mean first
+reaches the solved threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ltcr.envs import ENVIRONMENTS  # noqa: E402
+from ltcr.logs import read_metrics  # noqa: E402
+
+CONFIG_OF = {"CartPole-v1": "cartpole", "Acrobot-v1": "acrobot", "MountainCar-v0": "mountaincar",
+             "LunarLander-v3": "lunarlander"}
+VARIANTS = {
+    "independent": ["transfer.share_experience=false", "transfer.distill=false"],
+    "sharing": ["transfer.share_experience=true", "transfer.distill=false"],
+    "distillation": ["transfer.share_experience=false", "transfer.distill=true"],
+    "ltcr": ["transfer.share_experience=true", "transfer.distill=true"],
+}
+
+
+def run_dir(out: Path, env: str, variant: str, seed: int) -> Path:
+    return out / env / variant / f"seed{seed}"
+
+
+def is_finished(folder: Path, steps: int) -> bool:
+    latest = folder / "checkpoints" / "latest"
+    return latest.is_file() and latest.read_text().strip() == f"step_{steps:09d}"
+
+
+def train(env: str, variant: str, seed: int, args: argparse.Namespace) -> None:
+    folder = run_dir(args.out, env, variant, seed)
+    if is_finished(folder, args.steps):
+        print(f"skip (finished): {folder}", flush=True)
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.agents}",
+               "-m", "ltcr.cli", "--config", CONFIG_OF[env], "--resume", *VARIANTS[variant], *args.overrides,
+               f"seed={seed}", f"output_dir={folder}", f"train.steps={args.steps}", "train.progress=false"]
+    print("run:", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def team_curve(folder: Path) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r["eval_return"])) for r in read_metrics(folder / "metrics.csv")
+            if r["agent"] == "team"]
+
+
+def summarize(env: str, args: argparse.Namespace) -> list[dict]:
+    threshold = ENVIRONMENTS[env].solved
+    rows = []
+    for variant in VARIANTS:
+        curves = [team_curve(run_dir(args.out, env, variant, s)) for s in args.seeds
+                  if is_finished(run_dir(args.out, env, variant, s), args.steps)]
+        if not curves:
+            continue
+        aucs = [statistics.fmean(v for _, v in c) for c in curves]
+        finals = [c[-1][1] for c in curves]
+        hits = [next((step for step, v in c if v >= threshold), None) for c in curves]
+        reached = [h for h in hits if h is not None]
+        rows.append({
+            "env": env, "variant": variant, "seeds": len(curves), "steps_per_agent": args.steps,
+            "auc_mean": statistics.fmean(aucs), "auc_std": _std(aucs),
+            "final_mean": statistics.fmean(finals), "final_std": _std(finals),
+            "solved_threshold": threshold, "seeds_solved": len(reached),
+            "steps_to_solved_mean": statistics.fmean(reached) if reached else "",
+            "curves": curves})
+    return rows
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    columns = ["env", "variant", "seeds", "steps_per_agent", "auc_mean", "auc_std", "final_mean", "final_std",
+               "solved_threshold", "seeds_solved", "steps_to_solved_mean"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| env | variant | seeds | steps/agent | AUC (mean team return) | final team return | "
+             "seeds reaching threshold | steps to threshold (mean of those) |", "|" + "---|" * 8]
+    for r in rows:
+        solved = f"{r['steps_to_solved_mean']:.0f}" if r["seeds_solved"] else "not reached"
+        lines.append(f"| {r['env']} | {r['variant']} | {r['seeds']} | {r['steps_per_agent']} | "
+                     f"{r['auc_mean']:.1f} +- {r['auc_std']:.1f} | {r['final_mean']:.1f} +- {r['final_std']:.1f} | "
+                     f"{r['seeds_solved']}/{r['seeds']} (>= {r['solved_threshold']:g}) | {solved} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    envs = sorted({r["env"] for r in rows})
+    fig, axes = plt.subplots(1, len(envs), figsize=(7 * len(envs), 4.5), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for r in (r for r in rows if r["env"] == env):
+            steps = sorted(set.intersection(*(set(s for s, _ in c) for c in r["curves"])))
+            values = [[dict(c)[s] for c in r["curves"]] for s in steps]
+            mean = [statistics.fmean(v) for v in values]
+            ax.plot(steps, mean, label=f"{r['variant']} (n={r['seeds']})")
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+        ax.axhline(ENVIRONMENTS[env].solved, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{env}: team-mean return, mean and min-max over seeds")
+        ax.set_xlabel("environment steps per agent")
+        ax.set_ylabel("greedy evaluation return")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "team_return.png", dpi=100)
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", action="append", choices=sorted(CONFIG_OF), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20_000, help="environment steps per agent")
+    parser.add_argument("--out", type=Path, default=Path("runs/ltcr_compare"))
+    parser.add_argument("--report-only", action="store_true", help="summarise finished runs, train nothing")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every run (ltcr-train syntax)")
+    args = parser.parse_args()
+    if not args.report_only:
+        for env in args.env:
+            for seed in args.seeds:  # seed-major: an early stop still leaves every variant with equal seeds
+                for variant in args.variants:
+                    train(env, variant, seed, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_report([row for env in args.env for row in summarize(env, args)], args.out)
+
+
+if __name__ == "__main__":
+    main()
