@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.ops import FrozenBatchNorm2d
 
 from agvm_ds.agvm import assign_modules
@@ -423,3 +424,55 @@ def test_summary_cli_prints_the_parameters_of_every_module(capsys):
     assert rows == expected
     assert set(rows) == EXPECTED_MODULES["mask_rcnn"] | {"total"}
     assert "128x128" in out and "Not counted" in out
+
+
+# --- anchors --------------------------------------------------------------------------------------
+
+
+def _anchor_generator(model: nn.Module):
+    return model.anchor_generator if isinstance(model, RetinaNet) else model.rpn.anchor_generator
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_default_spec_builds_torchvisions_default_anchors(detector):
+    model = build_detector(tiny_spec(detector, "resnet"))
+    cls = {"faster_rcnn": FasterRCNN, "mask_rcnn": FasterRCNN, "retinanet": RetinaNet}[detector]
+    reference = _anchor_generator(cls(model.backbone, num_classes=3))  # torchvision picks its own anchors
+
+    ours = _anchor_generator(model)
+
+    assert ours.sizes == reference.sizes and ours.aspect_ratios == reference.aspect_ratios
+    assert all(torch.equal(a, b) for a, b in zip(ours.cell_anchors, reference.cell_anchors))
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_small_object_spec_builds_the_given_anchors_and_trains(detector):
+    spec = tiny_spec(detector, "resnet", anchor_sizes=[8, 16, 32, 64, 128], aspect_ratios=[1.0, 2.0])
+    model = build_detector(spec).train()
+
+    anchors = _anchor_generator(model)
+    assert anchors.sizes == ((8,), (16,), (32,), (64,), (128,)) and anchors.aspect_ratios == ((1.0, 2.0),) * 5
+    assert anchors.cell_anchors[0].tolist() == [[-4.0, -4.0, 4.0, 4.0], [-3.0, -6.0, 3.0, 6.0]]
+    losses = model(*images_and_targets(detector == "mask_rcnn"))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_anchors_per_level_may_differ_in_sizes_given_equal_counts():
+    spec = tiny_spec("retinanet", "resnet", anchor_sizes=[[8, 12], [16, 24], [32, 48], [64, 96], [128, 192]],
+                     aspect_ratios=[[1.0]] * 5)
+    assert spec.to_dict()["anchor_sizes"][1] == [16, 24]
+    assert _anchor_generator(build_detector(spec)).num_anchors_per_location() == [2] * 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"anchor_sizes": [16, 32, 64, 128]}, "4 level(s) given, but faster_rcnn has 5 feature maps"),
+    ({"aspect_ratios": [[1.0]] * 6}, "6 level(s) given, but faster_rcnn has 5 feature maps"),
+    ({"anchor_sizes": [8, 16, 0, 64, 128]}, "expected positive numbers"),
+    ({"aspect_ratios": [0.5, -1.0]}, "expected positive numbers"),
+    ({"anchor_sizes": [[8], [16, 24], [32], [64], [128]]}, "every level needs the same number"),
+    ({"anchor_sizes": 32}, "expected a list of numbers or of lists"),
+])
+def test_bad_anchors_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ValueError) as error:
+        load_spec("faster_rcnn_r18_tiny", overrides)
+    assert message in str(error.value) and next(iter(overrides)) in str(error.value)

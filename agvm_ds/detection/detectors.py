@@ -13,6 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -62,8 +63,9 @@ def build_detector(spec: ModelSpec, device: Optional[Union[str, torch.device]] =
     with torch.device(device) if device is not None else contextlib.nullcontext():
         backbone = build_backbone(spec, load_pretrained=not is_meta)
         common = dict(num_classes=spec.num_classes, min_size=spec.min_size, max_size=spec.max_size)
+        anchors = AnchorGenerator(spec.anchor_sizes, spec.aspect_ratios)
         if spec.detector == "faster_rcnn":
-            model = FasterRCNN(backbone, **common, **spec.detector_kwargs)
+            model = FasterRCNN(backbone, **common, rpn_anchor_generator=anchors, **spec.detector_kwargs)
         elif spec.detector == "mask_rcnn":
             # torchvision's mask head (4 convs + deconv) at the FPN's width instead of a fixed 256.
             # torchvision then wants num_classes=None and every predictor given: the box predictor
@@ -75,10 +77,11 @@ def build_detector(spec: ModelSpec, device: Optional[Union[str, torch.device]] =
                 box_predictor=FastRCNNPredictor(1024, spec.num_classes),
                 mask_head=MaskRCNNHeads(width, [width] * 4, 1),
                 mask_predictor=MaskRCNNPredictor(width, width, spec.num_classes),
+                rpn_anchor_generator=anchors,
                 **spec.detector_kwargs,
             )
         else:
-            model = RetinaNet(backbone, **common, **spec.detector_kwargs)
+            model = RetinaNet(backbone, **common, anchor_generator=anchors, **spec.detector_kwargs)
     model.agvm_modules = agvm_modules(model)
     return model
 

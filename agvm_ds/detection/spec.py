@@ -12,20 +12,34 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import timm
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 
 from ..config_checks import read_yaml_mapping, reject_unknown_keys
 
-__all__ = ["DETECTORS", "MODELS_DIR", "NORMS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
+__all__ = ["DEFAULT_ANCHOR_SIZES", "DEFAULT_ASPECT_RATIOS", "DETECTORS", "FEATURE_MAPS", "MODELS_DIR", "NORMS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 """The ``models/`` folder of the checkout holding the named definitions (``<name>.yaml``)."""
 
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet}
 NORMS = ("frozen_bn", "bn", "sync_bn")
+
+#: Feature maps the FPN backbone hands each detector's heads: C2-C5 + a max-pooled level for the
+#: R-CNNs, C3-C5 + P6/P7 for RetinaNet (see ``build_backbone``); one anchor level each.
+FEATURE_MAPS = {"faster_rcnn": 5, "mask_rcnn": 5, "retinanet": 5}
+
+Anchors = tuple[tuple[float, ...], ...]
+#: torchvision's default anchors (``faster_rcnn._default_anchorgen``, ``retinanet._default_anchorgen``):
+#: sizes per level (one for the R-CNNs, three octave scales for RetinaNet) and ratios per level.
+DEFAULT_ANCHOR_SIZES: dict[str, Anchors] = {
+    "faster_rcnn": tuple((x,) for x in (32, 64, 128, 256, 512)),
+    "mask_rcnn": tuple((x,) for x in (32, 64, 128, 256, 512)),
+    "retinanet": tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512)),
+}
+DEFAULT_ASPECT_RATIOS: Anchors = ((0.5, 1.0, 2.0),) * 5
 
 
 def backbone_family(name: str) -> str:
@@ -67,7 +81,8 @@ class ModelSpec:
         detector: ``faster_rcnn``, ``mask_rcnn`` or ``retinanet`` (torchvision's classes).
         backbone: a timm model name, ``resnet*`` or ``swin*`` / ``swinv2*``.
         num_classes: number of classes including the background, as torchvision expects (COCO: 81
-            with contiguous labels 1..80).
+            with contiguous labels 1..80). A default only: the trainer replaces it with the data
+            set's category count + 1, from the annotation file.
         min_size / max_size: resize of torchvision's ``GeneralizedRCNNTransform``; ``min_size`` may
             be a list, one picked at random per training image.
         fpn_channels: width of the FPN and of the heads built on it.
@@ -85,6 +100,14 @@ class ModelSpec:
             architecture of a body timm has no name for: ``embed_dim``, ``depths``, ``num_heads``).
         detector_kwargs: numeric knobs of the torchvision detector class (``rpn_batch_size_per_image``,
             ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ``detections_per_img``, ...).
+        anchor_sizes: anchor sizes in pixels of the resized image, per FPN level (5 levels): a list
+            of numbers (one size per level, ``[32, 64, 128, 256, 512]``) or of lists (several per
+            level, RetinaNet's octave scales). None: torchvision's default for the detector (see
+            :data:`DEFAULT_ANCHOR_SIZES`). Objects far smaller than the smallest anchor get no
+            positive anchor: for 8-30 px objects start at 8 or 16.
+        aspect_ratios: anchor height / width ratios: one list shared by every level, or one list
+            per level. None: torchvision's ``[0.5, 1.0, 2.0]``. Every level must give the same
+            number of anchors (sizes x ratios), as one head is shared across levels.
         name: the definition's name, for logs (set from the file name when loaded).
     """
 
@@ -100,6 +123,8 @@ class ModelSpec:
     pretrained_file: Optional[str] = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     detector_kwargs: dict[str, Any] = field(default_factory=dict)
+    anchor_sizes: Optional[Anchors] = None
+    aspect_ratios: Optional[Anchors] = None
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -138,6 +163,7 @@ class ModelSpec:
             raise bad("backbone_kwargs", "expected a mapping of timm.create_model argument names to values")
         if not isinstance(self.detector_kwargs, dict):
             raise bad("detector_kwargs", "expected a mapping")
+        self._resolve_anchors(bad)
         knobs = detector_knobs(self.detector)
         for key, value in self.detector_kwargs.items():
             if key not in knobs:
@@ -152,6 +178,29 @@ class ModelSpec:
                     f"{'non-negative integer' if expected is int else 'non-negative number'}"
                 )
 
+    def _resolve_anchors(self, bad: Callable[[str, str], ValueError]) -> None:
+        """Sets ``anchor_sizes``/``aspect_ratios`` to one tuple of numbers per feature map, or refuses them."""
+        levels = FEATURE_MAPS[self.detector]
+        defaults = {"anchor_sizes": DEFAULT_ANCHOR_SIZES[self.detector], "aspect_ratios": DEFAULT_ASPECT_RATIOS}
+        for key, default in defaults.items():
+            value = getattr(self, key)
+            if value is None:
+                value = default
+            if not isinstance(value, (list, tuple)) or not value:
+                raise bad(key, f"expected a list of numbers or of lists, one per feature map ({levels})")
+            per_level = [tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in value]
+            if key == "aspect_ratios" and not any(isinstance(v, (list, tuple)) for v in value):
+                per_level = [tuple(value)] * levels  # one list shared by every level
+            if len(per_level) != levels:
+                raise bad(key, f"{len(per_level)} level(s) given, but {self.detector} has {levels} feature maps")
+            if not all(level and all(_is_real(x) and math.isfinite(x) and x > 0 for x in level) for level in per_level):
+                raise bad(key, "expected positive numbers, at least one per level")
+            object.__setattr__(self, key, tuple(per_level))
+        counts = {len(s) * len(r) for s, r in zip(self.anchor_sizes, self.aspect_ratios)}
+        if len(counts) > 1:
+            raise bad("anchor_sizes", f"levels give {sorted(counts)} anchors (sizes x aspect_ratios); "
+                                      "one head is shared across levels, so every level needs the same number")
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelSpec":
         """Builds a spec from a mapping (a YAML file); an unknown key lists the valid ones."""
@@ -165,6 +214,8 @@ class ModelSpec:
         values = dataclasses.asdict(self)
         if isinstance(self.min_size, tuple):
             values["min_size"] = list(self.min_size)
+        for key in ("anchor_sizes", "aspect_ratios"):
+            values[key] = [list(level) for level in values[key]]
         return values
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "ModelSpec":
@@ -214,3 +265,7 @@ def _apply_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> di
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
