@@ -27,7 +27,7 @@ def tiny_overrides(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         f"output_dir={run_dir}", f"data.root={data_root}", "data.synthetic_train=24", "data.synthetic_val=8",
         "data.synthetic_size=128", "data.scales=[112,128]", "data.max_size=128", "data.num_workers=0",
-        "data.batch_size_per_rank=2", "model_overrides.min_size=128", "model_overrides.max_size=128",
+        "data.batch_size_per_rank=2", "data.test_size=128",
         "agvm.start_iter=0", "agvm.interval=1", "train.log_interval=1", "schedule.warmup_iters=2", *extra,
     ]
 
@@ -75,15 +75,22 @@ def _model_state(run: Path, tag: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+def _optimizer_partition(run: Path, tag: str, rank: int) -> list[torch.Tensor]:
+    path = run / "checkpoints" / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    return torch.load(path, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+
+
+def test_killed_run_resumes_exactly_on_every_rank(tmp_path):
+    """kill -9 of the whole 2-rank job mid-run; --resume auto ends bitwise equal to an uninterrupted run:
+    weights and BatchNorm statistics, each rank's optimizer partition, AGVM state, and the final metrics."""
     data = tmp_path / "data"
     common = ["--config", "configs/synthetic_tiny.yaml"]
     extra = ("train.max_iters=6", "train.checkpoint_iters=2", "train.gradient_accumulation_steps=2",
              "train.eval_interval=100", "train.checkpoint_interval=100")
-    finish(agvm_train([*common, *tiny_overrides(tmp_path / "straight", data, *extra)]))
+    finish(agvm_train([*common, *tiny_overrides(tmp_path / "straight", data, *extra)], ranks=2))
 
     killed = tmp_path / "killed"
-    process = agvm_train([*common, *tiny_overrides(killed, data, *extra)], start_new_session=True)
+    process = agvm_train([*common, *tiny_overrides(killed, data, *extra)], ranks=2, start_new_session=True)
     deadline = time.time() + 600
     while not (killed / "checkpoints" / "latest").exists() or \
             (killed / "checkpoints" / "latest").read_text().strip() != "iter_00000004":
@@ -92,23 +99,88 @@ def test_killed_run_resumes_exactly(tmp_path):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
-    output = finish(agvm_train([*common, "--resume", "auto", *tiny_overrides(killed, data, *extra)]))
+    output = finish(agvm_train([*common, "--resume", "auto", *tiny_overrides(killed, data, *extra)], ranks=2))
     assert "resumed from" in output and "at iteration 4" in output
     straight, resumed = _model_state(tmp_path / "straight", "iter_00000006"), _model_state(killed, "iter_00000006")
+    assert any("running_mean" in name for name in straight["module"])
     for name, value in straight["module"].items():
         assert torch.equal(value, resumed["module"][name]), name
+    for rank in (0, 1):
+        for a, b in zip(_optimizer_partition(tmp_path / "straight", "iter_00000006", rank),
+                        _optimizer_partition(killed, "iter_00000006", rank)):
+            assert torch.equal(a, b), rank
+    assert (tmp_path / "straight" / "eval" / "metrics.json").read_text() == (killed / "eval" / "metrics.json").read_text()
     assert torch.equal(straight["agvm"]["modulator"]["factors"], resumed["agvm"]["modulator"]["factors"])
     assert straight["agvm"]["modulator"]["num_updates"] == resumed["agvm"]["modulator"]["num_updates"] > 0
     log = [json.loads(line)["iteration"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]  # records past the checkpoint were dropped, none duplicated
 
 
-def test_non_finite_loss_skips_the_step_without_poisoning_agvm(tmp_path):
-    result = run_ranks(train_scenarios.nan_loss_run, 2, str(tmp_path), tiny_overrides(tmp_path / "run", tmp_path / "data"))
+def test_nan_batch_is_skipped_without_poisoning_agvm_or_batchnorm(tmp_path):
+    result = run_ranks(train_scenarios.nan_batch_run, 2, str(tmp_path), tiny_overrides(tmp_path / "run", tmp_path / "data"))
     for rank_result in result:
         assert rank_result["skipped"] == 1  # rank 1's NaN skipped the micro-batch on both ranks
         assert rank_result["params_finite"] and rank_result["factors_finite"]
+        assert rank_result["buffers_finite"] and rank_result["buffers_changed"]  # BN still trained on the rest
         assert rank_result["iterations"] == 5 and rank_result["agvm_updates"] == 5
+
+
+def test_diverged_run_stops_with_a_clear_error_keeping_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    (result,) = run_ranks(train_scenarios.diverging_run, 1, str(tmp_path), tiny_overrides(run, tmp_path / "data"))
+    iteration, message = result.split("|", 1)
+    assert int(iteration) == 3, message  # three good steps, then three NaN micro-batches in a row
+    assert "3 consecutive micro-batches had a non-finite loss" in message and "--resume auto" in message
+    assert (run / "checkpoints" / "latest").read_text() == "iter_00000003"
+    assert (run / "checkpoints" / "iter_00000003" / "manifest.json").is_file()
+
+
+def test_every_rank_holds_the_same_batchnorm_statistics_after_training(tmp_path):
+    stats = run_ranks(train_scenarios.running_stats_after_training, 2, str(tmp_path),
+                      tiny_overrides(tmp_path / "run", tmp_path / "data"))
+    assert len(stats[0]) > 40 and any(b.is_floating_point() and b.abs().sum() > 0 for b in stats[0])
+    for a, b in zip(*stats):
+        assert torch.equal(a, b)
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(tmp_path):
+    every_step, every_second = run_ranks(train_scenarios.losses_at_two_log_intervals, 1, str(tmp_path),
+                                         tiny_overrides(tmp_path / "unused", tmp_path / "data"))[0]
+    assert [r["iteration"] for r in every_second] == [2, 4]
+    for i, record in enumerate(every_second):
+        window = every_step[2 * i:2 * i + 2]
+        for key in ("loss", "loss_classifier", "loss_rpn_box_reg"):
+            assert record[key] == pytest.approx((window[0][key] + window[1][key]) / 2, rel=1e-6), key
+
+
+def test_metrics_do_not_depend_on_the_number_of_evaluating_ranks(tmp_path):
+    """A 2-rank run's final evaluation equals the evaluation of its checkpoint resumed in one process
+    (a world-size change: DeepSpeed's universal checkpoint re-partitions the ZeRO-2 optimizer state)."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    args = ["--config", "configs/synthetic_tiny.yaml", *tiny_overrides(run, data, "train.max_iters=3",
+                                                                        "train.eval_interval=100")]
+    finish(agvm_train(args, ranks=2))
+    two_ranks = json.loads((run / "eval" / "metrics.json").read_text())
+    (run / "eval" / "metrics.json").unlink()
+    output = finish(agvm_train([*args, "--resume", "auto"], ranks=1))
+    assert "checkpoint written by 2 rank(s), resumed on 1" in output
+    one_rank = json.loads((run / "eval" / "metrics.json").read_text())
+    assert two_ranks["bbox"]["AR100"] > 0
+    for name, value in two_ranks["bbox"].items():
+        assert one_rank["bbox"][name] == pytest.approx(value, abs=1e-9), name
+
+
+def test_a_failed_start_leaves_no_shared_memory(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [')
+    port = free_port()
+    args = ["--config", "configs/synthetic_tiny.yaml", "data.dataset=coco", f"data.train_images={tmp_path}",
+            f"data.val_images={tmp_path}", f"data.train_ann={bad}", f"data.val_ann={bad}", f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module",
+                              "agvm_ds.engine.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode != 0 and "bad.json" in process.stdout + process.stderr
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_short_training_learns_far_above_the_untrained_model(tmp_path):

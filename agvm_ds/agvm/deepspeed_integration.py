@@ -25,6 +25,7 @@ parameters see the local micro-batch gradient times hook_scale / gradient_accumu
 """
 from __future__ import annotations
 
+import datetime
 import enum
 import json
 import os
@@ -36,7 +37,10 @@ from torch import nn
 if TYPE_CHECKING:
     from .optimizer import AGVM
 
-__all__ = ["EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "initialize", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "init_distributed", "initialize", "save_checkpoint",
+    "load_checkpoint",
+]
 
 SUPPORTED_DEEPSPEED = ("0.19.",)
 """DeepSpeed release series whose internals this adapter was checked against."""
@@ -270,13 +274,26 @@ def initialize(
     config = {"zero_allow_untested_optimizer": True, **config}
     # What deepspeed.initialize would do first (a no-op when a process group exists), so that the
     # shared-memory name is released before anything below can refuse the configuration.
-    deepspeed.init_distributed(dist_backend=kwargs.get("dist_backend"), verbose=False)
-    _unlink_cpu_allreduce_segment()
+    init_distributed(dist_backend=kwargs.get("dist_backend"))
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, **kwargs
     )
     optimizer.attach(engine)
     return engine, ds_optimizer, dataloader, scheduler
+
+
+def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> None:
+    """``deepspeed.init_distributed`` (a no-op when a process group exists) without its /dev/shm leak.
+
+    Call it first thing in a process: a run that fails later during start-up (a bad data set, a
+    refused configuration) then leaves no shared-memory segment behind. ``timeout`` bounds every
+    collective, so a dead peer ends the job instead of hanging it for DeepSpeed's default 10 minutes.
+    """
+    import deepspeed
+
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    deepspeed.init_distributed(dist_backend=dist_backend, verbose=False, **kwargs)
+    _unlink_cpu_allreduce_segment()
 
 
 def _unlink_cpu_allreduce_segment() -> None:
@@ -308,10 +325,21 @@ def _agvm_of(engine) -> "AGVM":
     return optimizer
 
 
-def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> None:
-    """``engine.save_checkpoint`` with the AGVM state (EMA factors, counters) in the client state."""
-    client_state = {**(client_state or {}), CLIENT_STATE_KEY: _agvm_of(engine).agvm_state_dict()}
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+def save_checkpoint(
+    engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None, **kwargs: Any
+) -> None:
+    """``engine.save_checkpoint`` with the AGVM state (EMA factors, counters) in the client state.
+
+    The client state also carries the ``universal_checkpoint_info`` that DeepSpeed's
+    ``ds_to_universal`` requires, so any checkpoint can be resumed on another number of ranks.
+    """
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    client_state = {UNIVERSAL_CHECKPOINT_INFO: universal_info, **(client_state or {}),
+                    CLIENT_STATE_KEY: _agvm_of(engine).agvm_state_dict()}
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, **kwargs)
 
 
 def load_checkpoint(engine, load_dir: str, tag: Optional[str] = None, **kwargs: Any) -> tuple[Optional[str], dict]:

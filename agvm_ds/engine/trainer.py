@@ -6,6 +6,7 @@ backward, step; at optimizer-step boundaries log, checkpoint; at epoch ends eval
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -16,10 +17,11 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from ..agvm import AGVM, initialize
-from ..detection import build_detector, load_spec
+from ..agvm import AGVM, init_distributed, initialize
+from ..detection import ModelSpec, build_detector, load_spec
 from ..evaluation import CocoEvaluator, format_coco_summary
 from . import checkpointing
+from .buffers import RunningStatsSnapshot, average_running_stats
 from .config import ExperimentConfig
 from .data import build_datasets, train_loader, val_loader
 from .deepspeed_config import deepspeed_config
@@ -28,9 +30,13 @@ from .plots import plot_run
 from .run_log import RunLog
 from .schedule import lr_multiplier, peak_lr
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "TrainingDiverged"]
 
 logger = logging.getLogger("agvm_ds")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for ``train.max_consecutive_skips`` micro-batches in a row."""
 
 
 class Trainer:
@@ -43,12 +49,11 @@ class Trainer:
     """
 
     def __init__(self, config: ExperimentConfig, resume: Optional[str] = None) -> None:
-        import deepspeed
         import deepspeed.comm as dist
 
         self.config = config
         self.dist = dist
-        deepspeed.init_distributed(verbose=False)
+        init_distributed(timeout=datetime.timedelta(seconds=config.train.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.run_dir = Path(config.output_dir)
@@ -59,16 +64,20 @@ class Trainer:
         if not torch.cuda.is_available():
             torch.set_num_threads(_cpu_threads_per_rank(self.world))
 
-        spec = load_spec(config.model, config.model_overrides)
+        spec = _evaluation_sized(load_spec(config.model, config.model_overrides), config)
         with_masks = spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
         spec = spec.with_overrides({"num_classes": self.datasets.num_classes + 1})
+        self.spec = spec
         model = build_detector(spec)
-        if config.data.recipe != "none":  # the data pipeline rescales; torchvision's LSJ recipe does the same
+        if config.data.test_resize() is not None:  # the data pipeline resizes training images itself
             model.transform._skip_resize = True
 
         ds_config = deepspeed_config(config)
+        checkpoint = checkpointing.resolve_resume(resume, self.run_dir, self.world)
+        if checkpoint is not None and checkpoint.needs_universal_load(self.world, ds_config):
+            ds_config = checkpointing.with_universal_load(ds_config)
         self.gas = ds_config["gradient_accumulation_steps"]
         self.global_batch = config.data.batch_size_per_rank * self.world * self.gas
         self.steps_per_epoch = len(self._train_loader(0, 0)) // self.gas
@@ -90,16 +99,24 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
             torch.float16 if self.engine.fp16_enabled() else torch.float32)
         _cast_float_buffers(self.engine.module, self.dtype)
+        self.running_stats = RunningStatsSnapshot(self.engine.module)
         self.log = RunLog(self.run_dir, self.is_main)
-        self.epoch, self.batch_in_epoch, self.skipped_nonfinite = 0, 0, 0
+        self.epoch, self.batch_in_epoch, self.skipped_nonfinite, self.consecutive_skips = 0, 0, 0, 0
+        self.window_losses: dict[str, torch.Tensor] = {}
+        self.window_micro_batches = 0
         self.last_metrics: dict[str, Any] = {}
-        checkpoint = checkpointing.resolve_resume(resume, self.run_dir)
+        self.saved_iteration: Optional[int] = None
         if checkpoint is not None:
+            for message in checkpoint.notes:
+                self._info(message)
             state = checkpointing.load(self.engine, checkpoint)
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
             self.skipped_nonfinite = state["skipped_nonfinite"]
+            if checkpoint.world_size != self.world:
+                self._continue_on_new_world(checkpoint.world_size, state)
+            self.saved_iteration = self.engine.global_steps
             self.log.truncate_after(self.engine.global_steps)
-            self._info(f"resumed from {checkpoint} at iteration {self.engine.global_steps} "
+            self._info(f"resumed from {checkpoint.path} at iteration {self.engine.global_steps} "
                        f"(epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
         self._info(self._banner(spec, lr))
 
@@ -109,10 +126,32 @@ class Trainer:
         data = self.config.data
         return train_loader(self.datasets, data, self.rank, self.world, self.config.seed, epoch, start_batch)
 
-    def _banner(self, spec, lr: float) -> str:
+    def _continue_on_new_world(self, saved_world: int, state: dict[str, Any]) -> None:
+        """Maps the data position of a checkpoint written by ``saved_world`` ranks onto this world.
+
+        The epoch continues after the images already consumed (to the nearest micro-batch); which
+        images those are depends on the world size, so the order is not the one the old world would
+        have seen. The global batch, and with it the scaled lr, follow the new world.
+        """
+        consumed = self.batch_in_epoch * saved_world
+        self.batch_in_epoch = min(round(consumed / self.world), self.steps_per_epoch * self.gas)
+        saved_batch = state.get("global_batch")
+        self._info(
+            f"checkpoint written by {saved_world} rank(s), resumed on {self.world}: optimizer state re-partitioned "
+            f"(DeepSpeed universal checkpoint); epoch {self.epoch} continues at micro-batch {self.batch_in_epoch}; "
+            f"global batch {saved_batch} -> {self.global_batch}"
+            + ("" if saved_batch == self.global_batch else
+               " (set data.batch_size_per_rank or train.gradient_accumulation_steps to keep it)"))
+
+    def _banner(self, spec: ModelSpec, lr: float) -> str:
         modules = ", ".join(f"{m} {n / 1e6:.2f}M" for m, n in self.module_params.items())
+        resize = self.config.data.test_resize()
+        training_size = (f"training images resized by recipe {self.config.data.recipe!r}" if resize is not None
+                         else f"training images resized by the model to {_sizes(spec)}")
         return (
-            f"model {spec.name} ({modules}); {self.world} rank(s) x {self.config.data.batch_size_per_rank} images x "
+            f"model {spec.name} ({modules}); {spec.num_classes} classes with background (from the data set's "
+            f"{self.datasets.num_classes} categories); {training_size}, evaluation images to {_sizes(spec)}; "
+            f"{self.world} rank(s) x {self.config.data.batch_size_per_rank} images x "
             f"{self.gas} accumulation = batch {self.global_batch}; peak lr {lr:.4g}; {self.steps_per_epoch} "
             f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, {self._precision()}; "
             f"AGVM {'on' if self.config.agvm.enabled else 'off'}"
@@ -154,7 +193,7 @@ class Trainer:
                 it = self.engine.global_steps
                 if it % train.log_interval == 0 or it == self.total_iters:
                     elapsed = time.perf_counter() - window_start
-                    self._log_step(losses, window_images / elapsed, progress)
+                    self._log_step(window_images / elapsed, progress)
                     window_start, window_images = time.perf_counter(), 0
                 if train.checkpoint_iters and it % train.checkpoint_iters == 0:
                     self.save()
@@ -173,33 +212,60 @@ class Trainer:
             plot_run(self.run_dir)
         return self.last_metrics
 
-    def _micro_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> Optional[dict[str, float]]:
+    def _micro_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:
         """Forward, backward and (at a boundary) step one micro-batch; None if its loss was skipped.
 
         A non-finite loss on any rank skips the micro-batch on every rank (one 1-float all-reduce),
-        before backward: no NaN reaches the gradients, the optimizer state or AGVM's statistics.
+        before backward: no NaN reaches the gradients, the optimizer state or AGVM's statistics, and
+        the BatchNorm running statistics its forward pass updated are restored.
         """
         device = self.engine.device
         step_seed = ((self.config.seed * 1_000_003 + self.rank) * 10_000_019 + self.engine.global_steps) * 131
         torch.manual_seed(step_seed + self.batch_in_epoch % self.gas)  # proposal sampling, replayed on resume
         images = [image.to(device, self.dtype) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        skip_nonfinite = self.config.train.skip_nonfinite_loss
+        if skip_nonfinite:
+            self.running_stats.take()
         loss_dict = self.engine(images, targets)
         loss = sum(loss_dict.values())
         finite = torch.isfinite(loss.detach()).float().reshape(1)
         self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
-        if finite.item() < 1.0 and self.config.train.skip_nonfinite_loss:
-            self.skipped_nonfinite += 1
-            self._info(f"non-finite loss at iteration {self.engine.global_steps} "
-                       f"({ {k: v.item() for k, v in loss_dict.items()} }): micro-batch skipped on every rank")
+        if finite.item() < 1.0 and skip_nonfinite:
+            self._skip(loss_dict)
             return None
+        self.consecutive_skips = 0
         self.engine.backward(loss)
         self.engine.step()
-        return {k: v.item() for k, v in loss_dict.items()}
+        losses = {k: v.detach() for k, v in loss_dict.items()}
+        for name, value in losses.items():
+            self.window_losses[name] = self.window_losses.get(name, 0.0) + value
+        self.window_micro_batches += 1
+        return losses
 
-    def _log_step(self, losses: dict[str, float], images_per_s: float, progress: tqdm) -> None:
+    def _skip(self, loss_dict: dict[str, torch.Tensor]) -> None:
+        self.running_stats.restore()
+        self.skipped_nonfinite += 1
+        self.consecutive_skips += 1
+        values = {k: v.item() for k, v in loss_dict.items()}
+        limit = self.config.train.max_consecutive_skips
+        if self.consecutive_skips >= limit:
+            raise TrainingDiverged(
+                f"training diverged: {self.consecutive_skips} consecutive micro-batches had a non-finite loss "
+                f"(train.max_consecutive_skips={limit}; the last at iteration {self.engine.global_steps}: {values}). "
+                f"Checkpoints in {self.run_dir / checkpointing.CHECKPOINT_DIR} are untouched: lower optimizer.lr "
+                "(or lengthen schedule.warmup_iters) and continue with --resume auto"
+            )
+        self._info(f"non-finite loss at iteration {self.engine.global_steps} ({values}): "
+                   "micro-batch skipped on every rank")
+
+    def _log_step(self, images_per_s: float, progress: tqdm) -> None:
+        """Logs the mean of each loss over the micro-batches since the last record."""
         it = self.engine.global_steps
         lrs = self.engine.lr_scheduler.get_last_lr()
+        count = max(self.window_micro_batches, 1)
+        losses = {name: float(total) / count for name, total in self.window_losses.items()}
+        self.window_losses, self.window_micro_batches = {}, 0
         record = {"iteration": it, "epoch": self.epoch, "loss": sum(losses.values()), **losses,
                   "lr": lrs[0], "images_per_s": images_per_s, "agvm": self.optimizer.statistics()}
         self.log.train(record)
@@ -211,7 +277,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """COCO metrics on the validation split, all ranks sharing the images."""
+        """COCO metrics on the validation split, all ranks sharing the images (and BatchNorm statistics)."""
+        average_running_stats(self.engine.module)
         even = self.engine.zero_optimization_stage() == 3  # ZeRO-3 forward is collective
         evaluator = CocoEvaluator(self.datasets.val.coco, self.iou_types, self.datasets.val.contiguous_to_category_id)
         self.engine.eval()
@@ -233,10 +300,38 @@ class Trainer:
         return self.last_metrics
 
     def save(self) -> None:
-        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+        """A checkpoint of every rank's state; the BatchNorm statistics are made identical first, since
+        only rank 0's copy is stored."""
+        if self.saved_iteration == self.engine.global_steps:
+            return
+        average_running_stats(self.engine.module)
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_batch": self.global_batch,
                  "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
+        self.saved_iteration = self.engine.global_steps
         checkpointing.save(self.engine, self.run_dir, self.engine.global_steps, state,
                            self.config.train.keep_checkpoints, self.is_main)
+
+
+def _evaluation_sized(spec: ModelSpec, config: ExperimentConfig) -> ModelSpec:
+    """The spec with the model's (evaluation) resize set from the data recipe, so that evaluation
+    sees images at the scale training saw them; a conflicting ``model_overrides`` size is an error."""
+    resize = config.data.test_resize()
+    if resize is None:
+        return spec
+    given = {k: config.model_overrides[k] for k in ("min_size", "max_size") if k in config.model_overrides}
+    derived = {"min_size": resize[0], "max_size": resize[1]}
+    conflicts = {k: v for k, v in given.items() if v != derived[k]}
+    if conflicts:
+        raise ValueError(
+            f"model_overrides {conflicts} would evaluate at another size than recipe {config.data.recipe!r} trains at: "
+            f"evaluation images are resized to data.test_size={resize[0]} / data.test_max_size={resize[1]} "
+            "(derived from the recipe unless given); drop the model_overrides sizes, or set data.test_size/test_max_size"
+        )
+    return spec.with_overrides(derived)
+
+
+def _sizes(spec: ModelSpec) -> str:
+    return f"shorter side {spec.min_size}, longer side <= {spec.max_size}"
 
 
 def _cpu_threads_per_rank(world: int) -> int:
