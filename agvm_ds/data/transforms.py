@@ -5,7 +5,7 @@ or a crop cannot leave boxes and masks disagreeing, and ``SanitizeBoundingBoxes`
 instances a crop pushed out (with their labels, masks, areas and crowd flags) in one place.
 
 Recipes (train only; evaluation always gets ``ToDtype`` alone because torchvision detectors resize
-inside the model, in ``GeneralizedRCNNTransform``):
+evaluation images inside the model, in ``GeneralizedRCNNTransform``):
 
 - ``"none"``: no augmentation.
 - ``"hflip"``: horizontal flip.
@@ -16,9 +16,11 @@ inside the model, in ``GeneralizedRCNNTransform``):
   ``lsj_size`` x ``lsj_size``, flip: the references' "lsj" preset.
 
 Every train pipeline ends with ``SanitizeBoundingBoxes`` and ``ToDtype(float32, scale=True)``.
-Note that the model's own ``GeneralizedRCNNTransform`` resizes again to its ``min_size`` /
-``max_size``: build the model with sizes that match the recipe (e.g. for ``lsj`` a ``min_size``
-and ``max_size`` of ``lsj_size``), or the data-side scale jitter is undone.
+With a resizing recipe (``multiscale``, ``lsj``) the trainer turns the model's own training resize
+off, so the data-side scale jitter is what the model sees, and sets the model's evaluation resize
+from the same recipe (``DataConfig.test_resize``: the largest multiscale size, or ``lsj_size``,
+unless ``data.test_size`` / ``data.test_max_size`` say otherwise): one setting drives both. With
+``none`` / ``hflip`` the model's ``min_size`` / ``max_size`` resize training and evaluation alike.
 """
 from __future__ import annotations
 
