@@ -121,12 +121,24 @@ class LTCRConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected one of ['cpu', 'cuda']")
         _check_int("seed", self.seed, 0)
+        v_min, v_max = self.support
+        if not v_min < v_max:
+            raise ValueError(f"agent.v_min={v_min!r}, agent.v_max={v_max!r} (unset ones are {self.env}'s "
+                             f"[{ENVIRONMENTS[self.env].v_min:g}, {ENVIRONMENTS[self.env].v_max:g}]): "
+                             "expected v_min < v_max")
         for index, entry in enumerate(self.per_agent):
             shared = sorted(set(entry) & {"atoms", "v_min", "v_max"}) if isinstance(entry, Mapping) else []
             if shared:
                 raise ValueError(f"per_agent[{index}].{shared[0]}: the support must be the same for every agent "
                                  "(distilled distributions live on it); set it under agent")
             self.agent_for(index)  # validates every entry now, not when rank `index` first needs it
+
+    @property
+    def support(self) -> tuple[float, float]:
+        """``[v_min, v_max]`` of every agent's value distributions: the agent section's, else the environment's."""
+        spec = ENVIRONMENTS[self.env]
+        return (spec.v_min if self.agent.v_min is None else self.agent.v_min,
+                spec.v_max if self.agent.v_max is None else self.agent.v_max)
 
     def agent_for(self, rank: int) -> AgentConfig:
         """The agent of ``rank``: ``agent`` with entry ``rank % len(per_agent)`` of ``per_agent`` applied."""
@@ -137,7 +149,11 @@ class LTCRConfig:
         if not isinstance(overrides, Mapping):
             raise ValueError(f"per_agent[{index}]={overrides!r}: expected a mapping of agent keys")
         merged = {**dataclasses.asdict(self.agent), **overrides}
-        return _build(AgentConfig, merged, f"per_agent[{index}].")
+        try:
+            return _build(AgentConfig, merged, f"per_agent[{index}].")
+        except ValueError as error:
+            where = f"per_agent[{index}]"
+            raise ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

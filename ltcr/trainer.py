@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .agent import C51Agent
 from .config import LTCRConfig
-from .envs import ENVIRONMENTS, Episodes, derive_seed, evaluate
+from .envs import Episodes, derive_seed, evaluate
 from .logs import METRICS, RunLog, plot_run
 from .peers import init_peers
 from .transfer import TransferProtocol
@@ -35,14 +35,10 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         agent_config = config.agent_for(rank)
-        env_spec = ENVIRONMENTS[config.env]
         self.episodes = Episodes(config.env, config.seed, rank)
         self.eval_env = gym.make(config.env)
-        self.agent = C51Agent(
-            agent_config, self.episodes.obs_dim, self.episodes.n_actions,
-            env_spec.v_min if config.agent.v_min is None else config.agent.v_min,
-            env_spec.v_max if config.agent.v_max is None else config.agent.v_max,
-            seed=derive_seed(config.seed, rank, 0), device=self.peers.device)
+        self.agent = C51Agent(agent_config, self.episodes.obs_dim, self.episodes.n_actions, *config.support,
+                              seed=derive_seed(config.seed, rank, 0), device=self.peers.device)
         self.protocol = None
         if world_size > 1 and config.transfer.enabled:
             self.protocol = TransferProtocol(config.transfer, self.peers, self.episodes.obs_dim, config.agent.atoms)
