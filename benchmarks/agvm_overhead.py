@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import deepspeed
 import deepspeed.comm as dist
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from agvm_ds import AGVM, AGVMConfig, initialize, module_param_groups
+from timing import interleaved_times, paired_ratio
 
 MODULES = {"backbone": ["backbone"], "fpn": ["fpn"], "rpn": ["rpn"], "roi_head": ["roi_head"]}
 
@@ -55,13 +54,10 @@ def ds_config(stage: int) -> dict:
     }
 
 
-def timed_step(engine, batches: list[torch.Tensor]) -> float:
-    start = time.perf_counter()
+def train_step(engine, batches: list[torch.Tensor]) -> None:
     for x in batches:
         engine.backward(engine(x))
         engine.step()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def bench_stage(stage: int, interval: int, width: int, steps: int) -> tuple[float, float, int, int, int]:
@@ -77,21 +73,17 @@ def bench_stage(stage: int, interval: int, width: int, steps: int) -> tuple[floa
         config=ds_config(stage),
     )
     dist.comms_logger.reset_data()
-    times = {"agvm": [], "base": []}
-    for step in range(steps + 5):
-        batches = [torch.randn(16, width) for _ in range(2)]
-        order = [("agvm", with_agvm), ("base", baseline)] if step % 2 else [("base", baseline), ("agvm", with_agvm)]
-        for name, engine in order:
-            elapsed = timed_step(engine, batches)
-            if step >= 5:  # warm-up steps excluded
-                times[name].append(elapsed)
+    times = interleaved_times(
+        {"agvm": lambda batches: train_step(with_agvm, batches), "base": lambda batches: train_step(baseline, batches)},
+        inputs=lambda _: [torch.randn(16, width) for _ in range(2)],
+        rounds=steps, warmup=5, sync=dist.barrier,
+    )
     logged = dist.comms_logger.comms_dict.get("agvm_stats", {})
     calls = sum(record[0] for record in logged.values())
     bytes_per_call = max(logged) if logged else 0
     # paired ratios: each AGVM step against the baseline step run right next to it
-    pairs = [a / b for a, b in zip(times["agvm"], times["base"])]
-    half_width = 1.96 * statistics.stdev(pairs) / len(pairs) ** 0.5
-    return statistics.mean(pairs), half_width, bytes_per_call, calls, grad_bytes
+    ratio = paired_ratio(times["agvm"], times["base"])
+    return ratio.mean, ratio.half_width, bytes_per_call, calls, grad_bytes
 
 
 def main() -> None:
