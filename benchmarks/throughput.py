@@ -290,14 +290,19 @@ def device_description(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def check_agvm_can_measure(names: Sequence[str], settings: Settings, world: int) -> None:
+    """An AGVM variant on a single micro-batch gradient per step would time a no-op."""
+    if any(name in AGVM_INTERVALS for name in names) and world * settings.accumulation < 2:
+        raise ValueError("AGVM needs at least 2 micro-batch gradients per step to measure anything: "
+                         "use --accumulation 2 or more ranks")
+
+
 def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tflops: Optional[float]) -> dict[str, Any]:
     """Builds the variants, times them and returns everything the report prints."""
     import deepspeed.comm as dist
 
     world = dist.get_world_size()
-    if any(name in AGVM_INTERVALS for name in names) and world * settings.accumulation < 2:
-        raise ValueError("AGVM needs at least 2 micro-batch gradients per step to measure anything: "
-                         "use --accumulation 2 or more ranks")
+    check_agvm_can_measure(names, settings, world)
     config = settings.config
     spec = load_spec(config.model, config.model_overrides)
     flops = forward_flops(build_detector(spec, device="meta"), settings.size)["total"]
