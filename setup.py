@@ -12,11 +12,12 @@ setup(
     install_requires=[
         # torch from the package index (its CUDA build also runs on CPU); torchvision wheels link
         # libtorch_cuda, so a CPU-only torch wheel would break `import torchvision` and timm.
-        "torch>=2.15",
-        "torchvision>=0.29",
+        "torch>=2.11",
+        "torchvision>=0.26",
         "deepspeed>=0.19.8,<0.20",
         "timm>=1.0",
         "pycocotools>=2.0.7",
+        "safetensors",  # agvm-export's file format
         "pyyaml",
         "tqdm",
         "matplotlib",
@@ -29,6 +30,9 @@ setup(
             "agvm-train=agvm_ds.engine.cli:main",
             "agvm-model-info=agvm_ds.detection.summary:main",
             "agvm-plot=agvm_ds.engine.plots:main",
+            "agvm-eval=agvm_ds.engine.evaluate:main",
+            "agvm-predict=agvm_ds.engine.predict:main",
+            "agvm-export=agvm_ds.engine.export:main",
             "ltcr-train=ltcr.cli:main",
         ]
     },

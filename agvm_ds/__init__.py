@@ -18,4 +18,15 @@ __all__ = [
     "load_checkpoint",
     "module_param_groups",
     "save_checkpoint",
+    "load_detector",
 ]
+
+
+def __getattr__(name: str):
+    """``agvm_ds.load_detector`` (a file written by agvm-export -> the torchvision model), imported on
+    first use so that ``import agvm_ds`` stays free of torchvision and timm."""
+    if name == "load_detector":
+        from .detection.weights import load_detector
+
+        return load_detector
+    raise AttributeError(f"module 'agvm_ds' has no attribute {name!r}")

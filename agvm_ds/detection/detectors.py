@@ -48,21 +48,30 @@ def build_backbone(spec: ModelSpec, load_pretrained: bool = True) -> TimmFPNBack
     return TimmFPNBackbone(body, indices, spec.fpn_channels, extra, stage_norms=family == "swin")
 
 
-def build_detector(spec: ModelSpec, device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+def build_detector(
+    spec: ModelSpec,
+    device: Optional[Union[str, torch.device]] = None,
+    *,
+    resize_in_model: bool = True,
+    load_pretrained: bool = True,
+) -> nn.Module:
     """Builds the detector of ``spec``, with ``agvm_modules`` (AGVM module -> submodule prefixes) set.
 
     Args:
         device: where parameters are created. ``"meta"`` allocates nothing (for counting parameters
             and FLOPs of huge models); pretrained weights are then not loaded.
-
-    The model's ``GeneralizedRCNNTransform`` (``model.transform``) normalises, resizes to
-    ``min_size``/``max_size`` and pads to a multiple of 32; a data pipeline that resizes itself sets
-    ``model.transform._skip_resize = True`` (torchvision's large-scale-jitter recipe).
+        resize_in_model: whether the model resizes training images itself. The model's
+            ``GeneralizedRCNNTransform`` normalises, resizes to ``min_size``/``max_size`` and pads to
+            a multiple of 32; a data pipeline that resizes (scale jitter, LSJ) passes False so its
+            sizes reach the network, as torchvision's large-scale-jitter recipe does. Evaluation
+            images are always resized by the model, to ``spec.min_size``/``spec.max_size``.
+        load_pretrained: load ``spec.pretrained_file``; False when trained weights are loaded next.
     """
     is_meta = device is not None and torch.device(device).type == "meta"
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        backbone = build_backbone(spec, load_pretrained=not is_meta)
-        common = dict(num_classes=spec.num_classes, min_size=spec.min_size, max_size=spec.max_size)
+        backbone = build_backbone(spec, load_pretrained=load_pretrained and not is_meta)
+        common = dict(num_classes=spec.num_classes, min_size=spec.min_size, max_size=spec.max_size,
+                      _skip_resize=not resize_in_model)  # torchvision's own switch of GeneralizedRCNNTransform
         anchors = AnchorGenerator(spec.anchor_sizes, spec.aspect_ratios)
         if spec.detector == "faster_rcnn":
             model = FasterRCNN(backbone, **common, rpn_anchor_generator=anchors, **spec.detector_kwargs)

@@ -7,10 +7,10 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import CocoDetection, build_detection_loader, build_transforms, make_synthetic_coco
+from ..data import CocoDetection, SyntheticPaths, build_detection_loader, build_transforms, make_synthetic_coco
 from .config import DataConfig
 
-__all__ = ["Datasets", "build_datasets", "train_loader", "val_loader", "SeededSamples"]
+__all__ = ["Datasets", "build_datasets", "train_loader", "val_loader", "val_split", "SeededSamples"]
 
 
 class SeededSamples(Dataset):
@@ -50,20 +50,35 @@ class Datasets:
 
 def build_datasets(config: DataConfig, with_masks: bool, seed: int, is_main: bool, barrier: Callable[[], None]) -> Datasets:
     """Builds both splits; the synthetic set is generated once, by the main rank, before the others read it."""
-    if config.dataset == "synthetic":
-        if is_main:
-            make_synthetic_coco(config.root, config.synthetic_train, config.synthetic_val, config.synthetic_size, seed=0)
-        barrier()
-        paths = make_synthetic_coco(config.root, config.synthetic_train, config.synthetic_val, config.synthetic_size, seed=0)
-        train_images, train_ann, val_images, val_ann = paths.train_images, paths.train_ann, paths.val_images, paths.val_ann
-    else:
-        train_images, train_ann, val_images, val_ann = config.train_images, config.train_ann, config.val_images, config.val_ann
+    if config.dataset == "synthetic" and is_main:
+        _synthetic(config)
+    barrier()
+    train_images, train_ann, val_images, val_ann = _split_paths(config)
     train_transforms = build_transforms(
         True, config.recipe, min_size=config.scales, max_size=config.max_size, lsj_size=config.lsj_size
     )
     train = CocoDetection(train_images, train_ann, train_transforms, with_masks=with_masks, remove_empty=True)
     val = CocoDetection(val_images, val_ann, build_transforms(False, config.recipe), with_masks=with_masks)
     return Datasets(SeededSamples(train, seed), val)
+
+
+def val_split(config: DataConfig) -> tuple[str, str]:
+    """(image folder, annotation file) of the validation split; the synthetic set is generated if missing."""
+    _, _, images, ann = _split_paths(config)
+    return str(images), str(ann)
+
+
+def _split_paths(config: DataConfig) -> tuple[Any, Any, Any, Any]:
+    """Train images, train annotations, val images, val annotations."""
+    if config.dataset == "synthetic":
+        paths = _synthetic(config)
+        return paths.train_images, paths.train_ann, paths.val_images, paths.val_ann
+    return config.train_images, config.train_ann, config.val_images, config.val_ann
+
+
+def _synthetic(config: DataConfig) -> SyntheticPaths:
+    """The synthetic set of ``config`` (reused when its stamp matches, generated otherwise)."""
+    return make_synthetic_coco(config.root, config.synthetic_train, config.synthetic_val, config.synthetic_size, seed=0)
 
 
 def train_loader(datasets: Datasets, config: DataConfig, rank: int, world: int, seed: int, epoch: int,

@@ -70,9 +70,8 @@ class Trainer:
         self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
         spec = spec.with_overrides({"num_classes": self.datasets.num_classes + 1})
         self.spec = spec
-        model = build_detector(spec)
-        if config.data.test_resize() is not None:  # the data pipeline resizes training images itself
-            model.transform._skip_resize = True
+        # a recipe that resizes (test_resize derived from it) sizes training images in the data pipeline
+        model = build_detector(spec, resize_in_model=config.data.test_resize() is None)
 
         ds_config = deepspeed_config(config)
         checkpoint = checkpointing.resolve_resume(resume, self.run_dir, self.world)

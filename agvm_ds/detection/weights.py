@@ -1,0 +1,68 @@
+"""A trained detector in one safetensors file: fp32 weights, its model spec and its classes.
+
+Why the spec and the classes inside the file: it is all a user needs to run the detector (no
+DeepSpeed, no run directory, no pickle), and ``load_detector`` cannot pair weights with another
+architecture, evaluation size or class list than the ones they were trained with.
+
+Metadata (JSON strings): ``format`` (:data:`FORMAT`), ``spec`` (``ModelSpec.to_dict()``, with
+``num_classes`` = classes + background and the evaluation ``min_size``/``max_size``), ``categories``
+(COCO categories ``[{"id": 3, "name": "square"}, ...]`` in label order: label k is
+``categories[k - 1]``), plus whatever the writer adds (``checkpoint``, ``iteration``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .detectors import build_detector
+from .spec import ModelSpec
+
+__all__ = ["FORMAT", "detector_from_state_dict", "load_detector", "save_detector"]
+
+FORMAT = "agvm-ds detector"
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_detector(path: PathLike, state_dict: Mapping[str, torch.Tensor], spec: ModelSpec,
+                  categories: Sequence[Mapping[str, Any]], **metadata: Any) -> None:
+    """Writes ``state_dict`` (floats as fp32) with the spec, the categories and ``metadata`` as JSON."""
+    tensors = {name: (t.float() if t.is_floating_point() else t).contiguous() for name, t in state_dict.items()}
+    header = {"format": FORMAT, "spec": spec.to_dict(), "categories": [dict(c) for c in categories], **metadata}
+    save_file(tensors, str(path), metadata={key: json.dumps(value) for key, value in header.items()})
+
+
+def load_detector(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The torchvision detector in an exported file, in eval mode, e.g. ``agvm_ds.load_detector("model.safetensors")``.
+
+    It takes a list of 3 x H x W float images in [0, 1] and returns torchvision's detections
+    (``boxes`` XYXY in input pixels, ``labels``, ``scores``, ``masks`` for Mask R-CNN); it resizes
+    images to the size evaluation used in training. ``model.categories[label - 1]`` is a label's
+    COCO category (``id``, ``name``). Needs torch, torchvision, timm and safetensors, not DeepSpeed.
+    """
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        header = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path}: not an agvm-ds detector file (its metadata has no format={FORMAT!r}; "
+                             "write one with agvm-export)")
+        state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    model = detector_from_state_dict(state_dict, ModelSpec.from_dict(header["spec"]), header["categories"])
+    return model.to(device)
+
+
+def detector_from_state_dict(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec,
+                             categories: Sequence[Mapping[str, Any]]) -> nn.Module:
+    """Builds ``spec`` (no pretrained file is read), loads ``state_dict`` strictly, and sets ``categories``."""
+    if spec.num_classes != len(categories) + 1:
+        raise ValueError(f"model spec has num_classes={spec.num_classes}, but {len(categories)} categories "
+                         "(+1 background) were given")
+    model = build_detector(spec, load_pretrained=False)
+    model.load_state_dict(dict(state_dict), strict=True)
+    model.categories = [dict(c) for c in categories]
+    return model.eval()

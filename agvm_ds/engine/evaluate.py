@@ -1,0 +1,92 @@
+"""``agvm-eval``: COCO metrics of a run's checkpoint, on its validation set or another COCO-format set.
+
+    agvm-eval RUN_DIR [--checkpoint TAG] [--ann FILE --images DIR] [--out DIR]
+
+One process evaluates any checkpoint, whatever ZeRO stage and number of ranks wrote it: the
+checkpoint's fp32 weights are consolidated (as ``agvm-export`` does) into the plain torchvision
+model, in fp32. Images are batched exactly as the run's own evaluation batched them (its
+``data.batch_size_per_rank``, sharded over the ranks that wrote the checkpoint): torchvision pads
+a batch to its largest image, and padding changes detections slightly, so this makes the metrics of
+an fp32 run equal to the ones it logged itself. A run trained in bf16/fp16 logged metrics of
+low-precision inference; these are fp32's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..data import CocoDetection, build_detection_loader, build_transforms
+from ..evaluation import CocoEvaluator, format_coco_summary
+from .data import val_split
+from .trained_run import TrainedRun, trained_detector
+
+__all__ = ["evaluate_run", "main"]
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: Union[str, Path], tag: Optional[str] = None, ann: Optional[str] = None,
+                 images: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None) -> dict[str, dict[str, float]]:
+    """COCO metrics ``{iou_type: {"AP": ..., ...}}`` of checkpoint ``tag`` (default: the newest complete one).
+
+    Writes ``results_<iou>.json``, ``metrics_<iou>.txt`` and ``metrics.json`` under ``out_dir``
+    (default: ``RUN_DIR/eval_<tag>``).
+    """
+    run = TrainedRun.open(run_dir, tag)
+    iou_types = ("bbox", "segm") if _with_masks(run) else ("bbox",)
+    dataset = _dataset(run, images, ann, with_masks="segm" in iou_types)
+    model = trained_detector(run)
+    evaluator = CocoEvaluator(dataset.coco, iou_types, dataset.contiguous_to_category_id)
+    world, data = run.checkpoint.world_size, run.config.data
+    for rank in range(world):  # the batches each rank of the run evaluated
+        loader = build_detection_loader(dataset, data.batch_size_per_rank, rank, world, train=False,
+                                        num_workers=data.num_workers)
+        for batch, targets in loader:
+            evaluator.update(model(batch), [t["image_id"] for t in targets])
+    return evaluator.evaluate(out_dir if out_dir is not None else run.run_dir / f"eval_{run.checkpoint.tag}")
+
+
+def _with_masks(run: TrainedRun) -> bool:
+    """Whether the run trained (and so evaluates) masks: its ``data.with_masks``, else Mask R-CNN's."""
+    return run.spec.detector == "mask_rcnn" if run.config.data.with_masks is None else run.config.data.with_masks
+
+
+def _dataset(run: TrainedRun, images: Optional[str], ann: Optional[str], with_masks: bool) -> CocoDetection:
+    """The run's validation split, or another COCO set whose category ids are the model's."""
+    if (images is None) != (ann is None):
+        raise ValueError("give both --images and --ann (another COCO-format set), or neither (the run's validation set)")
+    if ann is None:
+        images, ann = val_split(run.config.data)
+    dataset = CocoDetection(images, ann, build_transforms(False, run.config.data.recipe), with_masks=with_masks)
+    trained = [c["id"] for c in run.categories]
+    found = sorted(dataset.contiguous_to_category_id.values())
+    if found != trained:
+        raise ValueError(f"{ann}: category ids {found}, but the model was trained on {trained}")
+    return dataset
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="agvm-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="the run's output_dir (holds config.json and checkpoints/)")
+    parser.add_argument("--checkpoint", metavar="TAG", help="a tag in RUN_DIR/checkpoints (default: the newest complete one)")
+    parser.add_argument("--ann", help="annotation file of another COCO-format set (with --images)")
+    parser.add_argument("--images", help="image folder of that set")
+    parser.add_argument("--out", help="where results and metrics go (default: RUN_DIR/eval_<tag>)")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        metrics = evaluate_run(args.run_dir, args.checkpoint, args.ann, args.images, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"agvm-eval: {error}", file=sys.stderr)
+        return 2
+    for iou_type, values in metrics.items():
+        print(f"{iou_type}:\n{format_coco_summary(values)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

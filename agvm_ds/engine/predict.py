@@ -1,0 +1,134 @@
+"""``agvm-predict``: run a trained detector on image files; detections as COCO-results JSON and drawn PNGs.
+
+    agvm-predict RUN_DIR|MODEL.safetensors IMAGE_OR_DIR... --out DIR [--score-threshold 0.5] [--checkpoint TAG]
+
+For each image ``NAME.EXT``: ``DIR/NAME.json``, its detections above the threshold in COCO results
+format (``image_id``: the file name's number for COCO-style names, else the name; ``category_id``,
+``category_name``, ``bbox`` as ``[x, y, w, h]`` in the image's pixels, ``score``, and
+``segmentation`` as compressed RLE for Mask R-CNN), and ``DIR/NAME.png``, the image with the boxes,
+labels, scores and masks drawn. Images are decoded as training decodes them (16-bit, palette, CMYK
+...); one that cannot be read is reported by path and skipped, the others are still processed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from torchvision.io import write_png
+from torchvision.transforms.v2.functional import to_dtype
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from ..data.coco import ImageReadError, _read_rgb
+from ..detection.weights import load_detector
+
+__all__ = ["IMAGE_SUFFIXES", "image_files", "load_model", "main", "predict_image"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MASK_THRESHOLD = 0.5  # torchvision's (and the evaluator's) foreground probability
+
+
+def load_model(source: Union[str, Path], tag: Optional[str] = None) -> torch.nn.Module:
+    """An exported ``.safetensors`` file, or a run directory's checkpoint ``tag`` (newest complete by default)."""
+    source = Path(source)
+    if source.is_file():
+        return load_detector(source)
+    from .trained_run import TrainedRun, trained_detector
+
+    return trained_detector(TrainedRun.open(source, tag))
+
+
+def image_files(paths: Iterable[Union[str, Path]]) -> list[Path]:
+    """The files given, and the image files (by suffix) of the folders given, in sorted order."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+@torch.no_grad()
+def predict_image(model: torch.nn.Module, path: Path, score_threshold: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The decoded uint8 image and the model's detections with ``score >= score_threshold``."""
+    image = _read_rgb(path)
+    output = model([to_dtype(image, torch.float32, scale=True)])[0]
+    keep = output["scores"] >= score_threshold
+    return image, {k: v[keep] for k, v in output.items()}
+
+
+def coco_results(detections: dict[str, torch.Tensor], categories: Sequence[dict[str, Any]], image_id: Any) -> list[dict[str, Any]]:
+    """One image's detections as COCO results, with each category's name."""
+    boxes = detections["boxes"].to(torch.float64)
+    boxes[:, 2:] -= boxes[:, :2]
+    results = []
+    for box, label, score in zip(boxes.tolist(), detections["labels"].tolist(), detections["scores"].tolist()):
+        category = categories[label - 1]
+        results.append({"image_id": image_id, "category_id": category["id"], "category_name": category["name"],
+                        "bbox": box, "score": score})
+    if "masks" in detections:
+        binary = (detections["masks"][:, 0] > MASK_THRESHOLD).permute(1, 2, 0).numpy().astype(np.uint8)
+        for result, rle in zip(results, mask_utils.encode(np.asfortranarray(binary))):
+            result["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return results
+
+
+def drawn(image: torch.Tensor, detections: dict[str, torch.Tensor], categories: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``image`` with masks, boxes and ``name score`` labels drawn, one colour per class."""
+    palette = [tuple(int(c) for c in np.random.default_rng(i).integers(64, 256, 3)) for i in range(len(categories) + 1)]
+    colors = [palette[label] for label in detections["labels"].tolist()]
+    if "masks" in detections and colors:
+        image = draw_segmentation_masks(image, detections["masks"][:, 0] > MASK_THRESHOLD, alpha=0.4, colors=colors)
+    labels = [f"{categories[label - 1]['name']} {score:.2f}"
+              for label, score in zip(detections["labels"].tolist(), detections["scores"].tolist())]
+    if not labels:
+        return image
+    return draw_bounding_boxes(image, detections["boxes"], labels=labels, colors=colors, width=2)
+
+
+def _image_id(path: Path) -> Union[int, str]:
+    """COCO file names are the image id (``000000397133.jpg`` -> 397133); other names stay names."""
+    return int(path.stem) if path.stem.isdigit() else path.stem
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="agvm-predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a run directory (its newest complete checkpoint) or an agvm-export .safetensors file")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="folder for NAME.json and NAME.png per image")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0.5)")
+    parser.add_argument("--checkpoint", metavar="TAG", help="with a run directory: a tag in RUN_DIR/checkpoints")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.model, args.checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"agvm-predict: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files, failed = image_files(args.images), []
+    for path in files:
+        try:
+            image, detections = predict_image(model, path, args.score_threshold)
+        except (ImageReadError, FileNotFoundError) as error:
+            print(f"agvm-predict: skipped {path}: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        results = coco_results(detections, model.categories, _image_id(path))
+        (out / f"{path.stem}.json").write_text(json.dumps(results, indent=1))
+        write_png(drawn(image, detections, model.categories), str(out / f"{path.stem}.png"))
+        print(f"{path}: {len(results)} detection(s)")
+    print(f"{len(files) - len(failed)} of {len(files)} image(s) written to {out}"
+          + (f"; {len(failed)} could not be read" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
