@@ -141,17 +141,19 @@ def test_batch_without_objects_still_gives_every_trainable_parameter_a_gradient(
     assert [n for n, p in trainable(model).items() if p.grad is None] == []
 
 
-def test_skip_resize_leaves_training_images_at_their_size():
-    model = build_detector(tiny_spec("faster_rcnn", "resnet", min_size=128, max_size=256)).train()
+def test_resize_in_model_false_leaves_training_images_at_their_size_and_resizes_evaluation_images():
+    spec = tiny_spec("faster_rcnn", "resnet", min_size=128, max_size=256)
     images, targets = images_and_targets(False)
 
-    resized, _ = model.transform(images, [dict(t) for t in targets])
-    model.transform._skip_resize = True
-    kept, kept_targets = model.transform(images, [dict(t) for t in targets])
+    resized, _ = build_detector(spec).train().transform(images, [dict(t) for t in targets])
+    data_sized = build_detector(spec, resize_in_model=False)
+    kept, kept_targets = data_sized.train().transform(images, [dict(t) for t in targets])
+    evaluated, _ = data_sized.eval().transform(images)
 
     assert resized.image_sizes[0] == (128, 192)
     assert kept.image_sizes[0] == (64, 96) and kept.tensors.shape[-2:] == (64, 96)
     assert torch.equal(kept_targets[0]["boxes"], targets[0]["boxes"])
+    assert evaluated.image_sizes[0] == (128, 192)
 
 
 @pytest.mark.parametrize(
