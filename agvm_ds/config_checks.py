@@ -1,15 +1,17 @@
-"""What every config loader of agvm-ds shares: known keys, YAML with YAML 1.2 numbers, a file holding a mapping."""
+"""What every config loader of agvm-ds shares: known keys, YAML with YAML 1.2 numbers, a file holding a mapping,
+and the one way ``key.sub=value`` overrides are parsed and applied (experiments, model specs, DeepSpeed configs)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import IO, Any, Mapping, Union
+from typing import IO, Any, Mapping, Sequence, Union
 
 import yaml
 
-__all__ = ["parse_yaml", "reject_unknown_keys", "read_yaml_mapping", "yaml_problem"]
+__all__ = ["apply_overrides", "parse_overrides", "parse_yaml", "reject_unknown_keys", "read_yaml_mapping", "yaml_problem"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -57,3 +59,44 @@ def yaml_problem(error: yaml.YAMLError) -> str:
         mark = error.problem_mark
         return f"{error.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else error.problem
     return " ".join(str(error).split())
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``key.sub=value`` strings as {dotted key: value}, values read as YAML (``1e-3`` is a float)."""
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            parsed[key.strip()] = parse_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({yaml_problem(error)})") from None
+    return parsed
+
+
+def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``values`` with ``overrides`` applied.
+
+    A dotted key sets a nested value, creating the mappings on its way
+    (``{"detector_kwargs.rpn_batch_size_per_image": 64}``); a mapping value is merged, recursively,
+    into the mapping it replaces (``{"zero_optimization": {"stage": 3}}`` keeps the other ZeRO keys).
+    """
+    merged = copy.deepcopy(dict(values))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ValueError(f"override {key!r}: {'.'.join(parents[:depth + 1])} is not a mapping")
+            node = node[part]
+        node[leaf] = _merge(node.get(leaf), value)
+    return merged
+
+
+def _merge(base: Any, value: Any) -> Any:
+    if isinstance(base, Mapping) and isinstance(value, Mapping):
+        return {**base, **{key: _merge(base.get(key), inner) for key, inner in value.items()}}
+    return copy.deepcopy(value)

@@ -252,3 +252,31 @@ def test_cli_reports_a_malformed_override_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["agvm-train: override 'train.epochs=[1': the value is not valid YAML "
                                         "(expected ',' or ']', but got '<stream end>' at line 1, column 3)"]
+
+
+def test_one_override_helper_sets_dotted_keys_and_merges_mappings_recursively():
+    from agvm_ds.config_checks import apply_overrides
+
+    base = {"zero_optimization": {"stage": 2, "overlap_comm": False}, "gradient_clipping": 1.0}
+    merged = apply_overrides(base, {"zero_optimization": {"stage": 3}, "bf16.enabled": True})
+
+    assert merged == {"zero_optimization": {"stage": 3, "overlap_comm": False}, "gradient_clipping": 1.0,
+                      "bf16": {"enabled": True}}
+    assert base["zero_optimization"]["stage"] == 2  # a copy
+    with pytest.raises(ValueError, match="override 'gradient_clipping.x': gradient_clipping is not a mapping"):
+        apply_overrides(base, {"gradient_clipping.x": 1})
+
+
+def test_deepspeed_overrides_merge_into_the_file_from_the_command_line():
+    from agvm_ds.engine.deepspeed_config import deepspeed_config
+
+    ds = deepspeed_config(load_config("configs/synthetic_tiny.yaml", ["deepspeed_overrides.zero_optimization.stage=3"]))
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": False, "contiguous_gradients": True}
+
+
+def test_model_info_reads_overrides_as_the_experiment_config_does(capsys):
+    from agvm_ds.detection.summary import main as model_info
+
+    assert model_info(["faster_rcnn_r18_tiny", "--meta", "--set", "detector_kwargs.box_nms_thresh=5e-1"]) == 0
+    assert model_info(["faster_rcnn_r18_tiny", "--meta", "--set", "detector_kwargs.box_nms_thresh"]) == 2
+    assert "is not of the form key.sub=value" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import timm
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 
-from ..config_checks import read_yaml_mapping, reject_unknown_keys
+from ..config_checks import apply_overrides, read_yaml_mapping, reject_unknown_keys
 
 __all__ = ["DEFAULT_ANCHOR_SIZES", "DEFAULT_ASPECT_RATIOS", "DETECTORS", "FEATURE_MAPS", "MODELS_DIR", "NORMS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
 
@@ -220,7 +220,7 @@ class ModelSpec:
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "ModelSpec":
         """A copy with ``overrides`` applied (see ``load_spec``)."""
-        return ModelSpec.from_dict(_apply_overrides(self.to_dict(), overrides))
+        return ModelSpec.from_dict(apply_overrides(self.to_dict(), overrides))
 
 
 def model_names() -> list[str]:
@@ -232,9 +232,9 @@ def load_spec(name_or_path: Union[str, os.PathLike], overrides: Optional[Mapping
     """Loads ``models/<name>.yaml`` (or a YAML file given by path) and applies ``overrides``.
 
     Args:
-        overrides: key -> value; a dotted key sets a nested value
-            (``{"detector_kwargs.rpn_batch_size_per_image": 64}``), a mapping value is merged into
-            the mapping it replaces (``{"backbone_kwargs": {"drop_path_rate": 0.1}}``).
+        overrides: key -> value, applied by ``config_checks.apply_overrides``: a dotted key sets a
+            nested value (``{"detector_kwargs.rpn_batch_size_per_image": 64}``), a mapping value is
+            merged into the mapping it replaces (``{"backbone_kwargs": {"drop_path_rate": 0.1}}``).
     """
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
@@ -243,24 +243,7 @@ def load_spec(name_or_path: Union[str, os.PathLike], overrides: Optional[Mapping
             raise ValueError(f"unknown model {str(name_or_path)!r}; known models are {model_names()}")
     values = read_yaml_mapping(path, "model spec")
     values.setdefault("name", path.stem)
-    return ModelSpec.from_dict(_apply_overrides(values, overrides or {}))
-
-
-def _apply_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(values)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = merged
-        for depth, parent in enumerate(parents):
-            inner = target.get(parent) or {}
-            if not isinstance(inner, Mapping):
-                raise ValueError(f"override {key!r}: {'.'.join(parents[:depth + 1])} is not a mapping")
-            target[parent] = dict(inner)
-            target = target[parent]
-        if isinstance(value, Mapping) and isinstance(target.get(leaf), Mapping):
-            value = {**target[leaf], **value}
-        target[leaf] = value
-    return merged
+    return ModelSpec.from_dict(apply_overrides(values, overrides or {}))
 
 
 def _is_int(value: Any) -> bool:

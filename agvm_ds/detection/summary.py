@@ -16,11 +16,11 @@ from collections import OrderedDict
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import MaskRCNN, RetinaNet
 
+from ..config_checks import parse_overrides
 from .detectors import build_detector
 from .spec import load_spec
 
@@ -127,16 +127,16 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.size is not None and len(args.size) not in (1, 2):
         parser.error("--size takes H W or a single S")
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.overrides)}
-    spec = load_spec(args.model, overrides)
+    try:
+        spec = load_spec(args.model, parse_overrides(args.overrides))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"agvm-model-info: {error}", file=sys.stderr)
+        return 2
     if args.size is None:
         min_sizes = spec.min_size if isinstance(spec.min_size, tuple) else (spec.min_size,)
         size = (min(min_sizes), spec.max_size)

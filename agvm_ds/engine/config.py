@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import yaml
-
-
 from ..agvm import AGVMConfig
-from ..config_checks import parse_yaml, read_yaml_mapping, reject_unknown_keys, yaml_problem
+from ..config_checks import apply_overrides, parse_overrides, read_yaml_mapping, reject_unknown_keys
 from ..data.transforms import RECIPES
 from ..detection.spec import ModelSpec, load_spec
 
@@ -250,8 +247,7 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Seque
         ValueError: one line naming the key (and the file) at fault and what is allowed.
     """
     values = read_yaml_mapping(path, "experiment config") if path is not None else {}
-    for key, value in parse_overrides(overrides).items():
-        _set_dotted(values, key, value)
+    values = apply_overrides(values, parse_overrides(overrides))
     try:
         config = _build(ExperimentConfig, values, "")
         _check_references(config)
@@ -259,20 +255,6 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Seque
         where = f"{path}: " if path is not None else ""
         raise ValueError(f"{where}{error}") from None
     return config
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``key.sub=value`` strings as {dotted key: value}, values read as YAML (``1e-3`` is a float)."""
-    parsed = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        try:
-            parsed[key.strip()] = parse_yaml(raw) if raw.strip() else None
-        except yaml.YAMLError as error:
-            raise ValueError(f"override {item!r}: the value is not valid YAML ({yaml_problem(error)})") from None
-    return parsed
 
 
 def _check_references(config: ExperimentConfig) -> None:
@@ -304,18 +286,6 @@ def _check_deepspeed_file(deepspeed: str) -> None:
         raise ValueError(f"deepspeed={deepspeed!r}: not a JSON file ({error})") from None
     if not isinstance(ds, dict):
         raise ValueError(f"deepspeed={deepspeed!r}: expected a JSON object at the top level")
-
-
-def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = values
-    for part in parents:
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted}: {part!r} is not a section")
-    node[leaf] = value
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

@@ -5,14 +5,14 @@ will hand to ``deepspeed.initialize`` without building a model or a process grou
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
+from ..config_checks import apply_overrides
 from .config import ExperimentConfig
 
-__all__ = ["deepspeed_config", "merge"]
+__all__ = ["deepspeed_config"]
 
 
 def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
@@ -21,7 +21,7 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     path = Path(config.deepspeed)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path} (see ds_configs/)")
-    ds = merge(json.loads(path.read_text()), config.deepspeed_overrides)
+    ds = apply_overrides(json.loads(path.read_text()), config.deepspeed_overrides)
     ds["train_micro_batch_size_per_gpu"] = config.data.batch_size_per_rank
     ds["gradient_accumulation_steps"] = config.train.gradient_accumulation_steps
     ds.pop("train_batch_size", None)
@@ -31,9 +31,4 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     return ds
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` merged into a copy of ``base``, recursively for mappings on both sides."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
+merge = apply_overrides  # the name benchmarks/throughput.py imports
