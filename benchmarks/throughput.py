@@ -1,6 +1,6 @@
 """Training throughput of agvm-ds, side by side with a plain PyTorch loop on the same detector.
 
-    python benchmarks/throughput.py --model faster_rcnn_r50_fpn --size 800 1333 --images-per-gpu 8 \\
+    python benchmarks/throughput.py --model faster_rcnn_r50_fpn --size 800 1333 --images-per-gpu 8 16 \\
         --precision bf16 --zero-stage 2 --steps 50 --json r50.json          # one GPU (a world of one)
     deepspeed --num_gpus 8 benchmarks/throughput.py --model ...              # N ranks, same flags
     python benchmarks/throughput.py --device cpu --steps 3                   # CPU smoke run, tiny model
@@ -21,8 +21,9 @@ skipped; the transform still normalises and pads to 32) with 8 random boxes each
 Mask R-CNN), made on the device before timing, so no data loading is timed. AGVM needs at least two
 micro-batch gradients per step to measure anything, hence ``--accumulation 2`` by default on one rank.
 
-Printed (and written with ``--json``): medians over ``--steps`` timed rounds after ``--warmup`` of
-images/s per GPU and step time; peak CUDA memory (max_memory_allocated/reserved during the variant's
+Printed (and written with ``--json``), for each number of images per GPU (several make a sweep in
+one process, which stops at the first that runs out of memory): medians over ``--steps`` timed
+rounds after ``--warmup`` of images/s per GPU and step time; peak CUDA memory (max_memory_allocated/reserved during the variant's
 steps, which includes the other variants' resident weights and optimizer states: use ``--variants``
 for one variant's own peak); MFU = 3 x forward FLOPs per image (``agvm_ds.detection.summary``'s
 counting; activation recomputation not counted) x images/s / the GPU's dense bf16 peak; and paired
@@ -86,7 +87,7 @@ class Settings:
 
     config: ExperimentConfig
     size: tuple[int, int]
-    images_per_gpu: int
+    images_per_gpu: tuple[int, ...]  # ascending: a sweep stops at the first size that runs out of memory
     accumulation: int
     precision: str
     zero_stage: int
@@ -101,7 +102,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", help="a name in models/ (default: the experiment's model)")
     parser.add_argument("--size", type=int, nargs="+", metavar="S",
                         help="image size H W (or S for S x S); default: the model's min_size x max_size")
-    parser.add_argument("--images-per-gpu", type=int, help="images per micro-batch per GPU (default: the experiment's)")
+    parser.add_argument("--images-per-gpu", type=int, nargs="+", metavar="N",
+                        help="images per micro-batch per GPU; several: a sweep in one process, in ascending order, "
+                             "up to the first that runs out of memory (default: the experiment's)")
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step (default 2)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="bf16: torch.autocast bf16 with fp32 weights (the ds_configs' bf16); fp32: no autocast")
@@ -123,10 +126,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; valid: {list(VARIANTS)}")
-    for flag in ("accumulation", "steps", "images_per_gpu"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')}={value}: expected >= 1")
+    for flag in ("accumulation", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}={getattr(args, flag)}: expected >= 1")
+    if args.images_per_gpu is not None and min(args.images_per_gpu) < 1:
+        parser.error(f"--images-per-gpu {args.images_per_gpu}: expected sizes >= 1")
     return args
 
 
@@ -137,7 +141,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.model is not None:
         overrides.append(f"model={args.model}")
     if args.images_per_gpu is not None:
-        overrides.append(f"data.batch_size_per_rank={args.images_per_gpu}")
+        overrides.append(f"data.batch_size_per_rank={min(args.images_per_gpu)}")
     overrides.append(f"train.gradient_accumulation_steps={args.accumulation}")
     config = load_config(args.config, overrides)
     spec = load_spec(config.model, config.model_overrides)
@@ -146,8 +150,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         size = (min(min_sizes), spec.max_size)
     else:
         size = (args.size[0], args.size[-1])
-    return Settings(config, size, config.data.batch_size_per_rank, args.accumulation, args.precision,
-                    args.zero_stage, args.steps, args.warmup)
+    images_per_gpu = tuple(sorted(set(args.images_per_gpu or [config.data.batch_size_per_rank])))
+    return Settings(config, size, images_per_gpu, args.accumulation, args.precision, args.zero_stage,
+                    args.steps, args.warmup)
 
 
 def ds_config_for(settings: Settings) -> dict[str, Any]:
@@ -163,7 +168,8 @@ def ds_config_for(settings: Settings) -> dict[str, Any]:
     })
 
 
-def synthetic_micro_batches(spec, settings: Settings, device: torch.device, seed: int) -> list[MicroBatch]:
+def synthetic_micro_batches(spec, settings: Settings, images_per_gpu: int, device: torch.device,
+                            seed: int) -> list[MicroBatch]:
     """One optimizer step's micro-batches of random images with random boxes, on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     height, width = settings.size
@@ -171,7 +177,7 @@ def synthetic_micro_batches(spec, settings: Settings, device: torch.device, seed
     batches = []
     for _ in range(settings.accumulation):
         images, targets = [], []
-        for _ in range(settings.images_per_gpu):
+        for _ in range(images_per_gpu):
             images.append(torch.rand(3, height, width, generator=generator).to(device))
             extent = torch.rand(BOXES_PER_IMAGE, 2, generator=generator) * 0.3 + 0.05  # of the image side
             corner = torch.rand(BOXES_PER_IMAGE, 2, generator=generator) * (1 - extent)
@@ -235,7 +241,7 @@ def build_variants(names: Sequence[str], settings: Settings, device: torch.devic
     model = build_detector(load_spec(config.model, config.model_overrides))
     model.transform._skip_resize = True  # the inputs are made at the benchmark's size
     ds_config = ds_config_for(settings)
-    global_batch = settings.images_per_gpu * settings.accumulation * world
+    global_batch = settings.images_per_gpu[0] * settings.accumulation * world  # sets the lr only
     lr = peak_lr(config.optimizer, global_batch)
     schedule = lr_multiplier(config.schedule, settings.warmup + settings.steps)
     steps, optimizers = {}, {}
@@ -298,7 +304,7 @@ def check_agvm_can_measure(names: Sequence[str], settings: Settings, world: int)
 
 
 def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tflops: Optional[float]) -> dict[str, Any]:
-    """Builds the variants, times them and returns everything the report prints."""
+    """Builds the variants once, then times them at each number of images per GPU."""
     import deepspeed.comm as dist
 
     world = dist.get_world_size()
@@ -306,12 +312,48 @@ def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tfl
     config = settings.config
     spec = load_spec(config.model, config.model_overrides)
     flops = forward_flops(build_detector(spec, device="meta"), settings.size)["total"]
+    peak, peak_source = dense_bf16_peak(device, peak_tflops)
     steps, optimizers = build_variants(names, settings, device, world)
-    peaks: dict[str, dict[str, int]] = {name: {} for name in names}
+    runs = []
+    for images_per_gpu in settings.images_per_gpu:
+        try:
+            runs.append(measure(steps, optimizers, settings, images_per_gpu, spec, device, flops, peak))
+        except torch.OutOfMemoryError as error:
+            runs.append({"images_per_gpu": images_per_gpu, "oom": str(error).splitlines()[0]})
+            break
+    return {
+        "device": device_description(device),
+        "world_size": world,
+        "model": config.model,
+        "model_overrides": config.model_overrides,
+        "size": list(settings.size),
+        "accumulation": settings.accumulation,
+        "precision": "autocast bf16, fp32 weights" if settings.precision == "bf16" else "fp32",
+        "zero_stage": settings.zero_stage,
+        "optimizer": config.optimizer.name,
+        "steps": settings.steps,
+        "warmup": settings.warmup,
+        "forward_gflops_per_image": flops / 1e9,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed"), "python": platform.python_version()},
+        "runs": runs,
+    }
+
+
+def measure(steps: dict[str, Callable[[list[MicroBatch]], None]], optimizers: dict[str, Any], settings: Settings,
+            images_per_gpu: int, spec, device: torch.device, flops: float, peak: Optional[float]) -> dict[str, Any]:
+    """Interleaved rounds of every variant at ``images_per_gpu``: medians, memory, MFU, paired ratios."""
+    import deepspeed.comm as dist
+
+    world = dist.get_world_size()
+    peaks: dict[str, dict[str, int]] = {name: {} for name in steps}
     if device.type == "cuda":
         steps = {name: with_peak_memory(step, peaks[name]) for name, step in steps.items()}
-    pool = [synthetic_micro_batches(spec, settings, device, seed=config.seed * 1000 + dist.get_rank() * 10 + i)
-            for i in range(2)]
+    seed = settings.config.seed * 1000 + dist.get_rank() * 10
+    pool = [synthetic_micro_batches(spec, settings, images_per_gpu, device, seed + i) for i in range(2)]
+    first_timed = {name: agvm.iteration + settings.warmup for name, agvm in optimizers.items()}
 
     def sync() -> None:
         if device.type == "cuda":
@@ -321,13 +363,10 @@ def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tfl
 
     times = interleaved_times(steps, inputs=lambda r: pool[r % len(pool)], rounds=settings.steps,
                               warmup=settings.warmup, sync=sync)
-    peak, peak_source = dense_bf16_peak(device, peak_tflops)
-    images_per_step = settings.images_per_gpu * settings.accumulation
-    timed_iters = range(settings.warmup, settings.warmup + settings.steps)
     variants = {}
-    for name in names:
+    for name in steps:
         step_time = statistics.median(times[name])
-        images_per_s = images_per_step / step_time
+        images_per_s = images_per_gpu * settings.accumulation / step_time
         row: dict[str, Any] = {
             "label": VARIANTS[name],
             "step_time_s": step_time,
@@ -340,33 +379,15 @@ def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tfl
         }
         if name in optimizers:
             agvm = optimizers[name]
-            row["agvm_stats_steps_timed"] = sum(agvm.config.is_stats_iter(it) for it in timed_iters)
+            timed = range(first_timed[name], first_timed[name] + settings.steps)
+            row["agvm_stats_steps_timed"] = sum(agvm.config.is_stats_iter(it) for it in timed)
             row["agvm_statistics"] = agvm.statistics()
-        if name != "plain" and "plain" in names:
+        if name != "plain" and "plain" in steps:
             row["images_per_s_vs_plain"] = _as_dict(paired_ratio(times["plain"], times[name]))
-        if name in AGVM_INTERVALS and "agvm_off" in names:
+        if name in AGVM_INTERVALS and "agvm_off" in steps:
             row["step_time_vs_agvm_off"] = _as_dict(paired_ratio(times[name], times["agvm_off"]))
         variants[name] = row
-    return {
-        "device": device_description(device),
-        "world_size": world,
-        "model": config.model,
-        "model_overrides": config.model_overrides,
-        "size": list(settings.size),
-        "images_per_gpu": settings.images_per_gpu,
-        "accumulation": settings.accumulation,
-        "precision": "autocast bf16, fp32 weights" if settings.precision == "bf16" else "fp32",
-        "zero_stage": settings.zero_stage,
-        "optimizer": config.optimizer.name,
-        "steps": settings.steps,
-        "warmup": settings.warmup,
-        "forward_gflops_per_image": flops / 1e9,
-        "peak_flops": peak,
-        "peak_source": peak_source,
-        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed"), "python": platform.python_version()},
-        "variants": variants,
-    }
+    return {"images_per_gpu": images_per_gpu, "variants": variants}
 
 
 def _as_dict(ratio: Ratio) -> dict[str, float]:
@@ -385,32 +406,38 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"device: {result['device']}; {result['world_size']} rank(s); torch {result['versions']['torch']}, "
         f"deepspeed {result['versions']['deepspeed']}",
-        f"model {result['model']} {result['model_overrides'] or ''} at {height}x{width}, {result['images_per_gpu']} "
-        f"images/GPU x {result['accumulation']} micro-batches per step, {result['precision']}, ZeRO-{result['zero_stage']}, "
-        f"{result['optimizer']}; medians over {result['steps']} rounds after {result['warmup']} warm-up rounds",
+        f"model {result['model']} {result['model_overrides'] or ''} at {height}x{width}, {result['accumulation']} "
+        f"micro-batches per step, {result['precision']}, ZeRO-{result['zero_stage']}, {result['optimizer']}; "
+        f"medians over {result['steps']} rounds after {result['warmup']} warm-up rounds",
         f"forward {result['forward_gflops_per_image']:.1f} GFLOPs/image (agvm_ds.detection.summary; heads at their "
         f"inference RoI numbers); MFU = 3 x that x images/s / peak; peak used: {result['peak_source']}",
         "inputs: synthetic images and boxes made on the device before timing (no data loading timed)",
         "",
-        f"{'variant':<24}{'images/s/GPU':>13}{'step s':>9}{'vs plain (95% CI)':>20}{'MFU':>7}"
+        f"{'img/GPU':>7}  {'variant':<24}{'images/s/GPU':>13}{'step s':>9}{'vs plain (95% CI)':>20}{'MFU':>7}"
         f"{'peak alloc GiB':>16}{'peak reserved GiB':>19}",
     ]
-    for name, row in result["variants"].items():
-        vs_plain = row.get("images_per_s_vs_plain")
-        lines.append(
-            f"{row['label']:<24}{row['images_per_s_per_gpu']:>13.2f}{row['step_time_s']:>9.4f}"
-            f"{_ratio_text(vs_plain):>20}{_optional(row['mfu'], '{:.1%}'):>7}"
-            f"{_optional(row['peak_allocated_gib'], '{:.2f}'):>16}{_optional(row['peak_reserved_gib'], '{:.2f}'):>19}"
-        )
-    for name, row in result["variants"].items():
-        if "step_time_vs_agvm_off" in row:
-            ratio = row["step_time_vs_agvm_off"]
-            lines.append(f"AGVM overhead, {row['label']} / AGVM off: step time {_ratio_text(ratio)} "
-                         f"({row['agvm_stats_steps_timed']} statistics steps among the {result['steps']} timed)")
-    if result["variants"] and all(row["peak_allocated_gib"] is None for row in result["variants"].values()):
-        lines.append(f"memory: no CUDA allocator on this device; process peak RSS {result['max_rss_gib']:.2f} GiB")
-    else:
+    overheads, on_cuda = [], False
+    for run_result in result["runs"]:
+        images = run_result["images_per_gpu"]
+        if "oom" in run_result:
+            lines.append(f"{images:>7}  out of memory: {run_result['oom']}")
+            continue
+        for row in run_result["variants"].values():
+            on_cuda = on_cuda or row["peak_allocated_gib"] is not None
+            lines.append(
+                f"{images:>7}  {row['label']:<24}{row['images_per_s_per_gpu']:>13.2f}{row['step_time_s']:>9.4f}"
+                f"{_ratio_text(row.get('images_per_s_vs_plain')):>20}{_optional(row['mfu'], '{:.1%}'):>7}"
+                f"{_optional(row['peak_allocated_gib'], '{:.2f}'):>16}{_optional(row['peak_reserved_gib'], '{:.2f}'):>19}"
+            )
+            if "step_time_vs_agvm_off" in row:
+                overheads.append(f"AGVM overhead at {images} images/GPU, {row['label']} / AGVM off: step time "
+                                 f"{_ratio_text(row['step_time_vs_agvm_off'])} ({row['agvm_stats_steps_timed']} "
+                                 f"statistics steps among the {result['steps']} timed)")
+    lines += overheads
+    if on_cuda:
         lines.append("memory: peaks during each variant's steps include the other variants' resident states")
+    else:
+        lines.append(f"memory: no CUDA allocator on this device; process peak RSS {result['max_rss_gib']:.2f} GiB")
     return "\n".join(lines)
 
 
@@ -448,13 +475,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     is_main = dist.get_rank() == 0
     try:
         result = run(settings, names, device, args.peak_tflops)
-    except torch.OutOfMemoryError as error:
-        message = str(error).splitlines()[0]
-        result = {"oom": True, "error": message, "model": settings.config.model, "size": list(settings.size),
-                  "images_per_gpu": settings.images_per_gpu, "zero_stage": settings.zero_stage, "variants_asked": names}
-        print(f"throughput: out of memory on rank {dist.get_rank()}: {message}", file=sys.stderr)
-        if is_main and args.json:
-            args.json.write_text(json.dumps(result, indent=2))
+    except torch.OutOfMemoryError as error:  # building the variants: the model states alone do not fit
+        print(f"throughput: out of memory on rank {dist.get_rank()} before the first step, with "
+              f"{len(names)} variant(s) resident: {str(error).splitlines()[0]}", file=sys.stderr)
         return OOM_EXIT_CODE
     except ValueError as error:
         print(f"throughput: {error}", file=sys.stderr)

@@ -203,19 +203,21 @@ def format_table(workload: Workload, parameters: int, points: Sequence[Throughpu
     return "\n".join(lines)
 
 
-def throughput_from_json(path: Path) -> tuple[str, Throughput]:
-    """The agvm-ds (AGVM every 10, else AGVM off) per-GPU images/s of a throughput.py result file."""
+def throughput_from_json(path: Path) -> tuple[str, list[Throughput]]:
+    """The agvm-ds (AGVM every 10, else AGVM off) per-GPU images/s at each number of images per GPU
+    of a throughput.py result file (sizes that ran out of memory left out)."""
     result = json.loads(path.read_text())
-    if result.get("oom"):
-        raise ValueError(f"{path}: an out-of-memory result has no throughput")
-    for variant in ("agvm_10", "agvm_off"):
-        if variant in result.get("variants", {}):
-            row = result["variants"][variant]
-            overrides = f" {result['model_overrides']}" if result.get("model_overrides") else ""
-            source = (f"measured: {path.name}, {row['label']}{overrides}, {result['device']}, "
+    overrides = f" {result['model_overrides']}" if result.get("model_overrides") else ""
+    points = []
+    for run in result["runs"]:
+        variant = next((run["variants"][v] for v in ("agvm_10", "agvm_off") if v in run.get("variants", {})), None)
+        if variant is not None:
+            source = (f"measured: {path.name}, {variant['label']}{overrides}, {result['device']}, "
                       f"{result['precision']}, ZeRO-{result['zero_stage']}")
-            return result["model"], Throughput(result["images_per_gpu"], row["images_per_s_per_gpu"], source)
-    raise ValueError(f"{path}: no agvm_10 or agvm_off variant among {sorted(result.get('variants', {}))}")
+            points.append(Throughput(run["images_per_gpu"], variant["images_per_s_per_gpu"], source))
+    if not points:
+        raise ValueError(f"{path}: no agvm_10 or agvm_off result that ran (out of memory, or other variants only)")
+    return result["model"], points
 
 
 def parse_throughput(text: str) -> tuple[str, Throughput]:
@@ -274,8 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     inputs: dict[str, list[Throughput]] = {}
     try:
         for path in args.from_json:
-            model, point = throughput_from_json(path)
-            inputs.setdefault(model, []).append(point)
+            model, points = throughput_from_json(path)
+            inputs.setdefault(model, []).extend(points)
     except (OSError, ValueError, KeyError) as error:
         print(f"time_to_train: {error}", file=sys.stderr)
         return 2

@@ -34,40 +34,44 @@ SMOKE = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--size", "96", "--
 @pytest.mark.slow
 def test_throughput_cpu_mode_times_every_variant_and_agvm_measures(tmp_path):
     out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", *SMOKE, "--json", str(out)],
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", *SMOKE, "--images-per-gpu", "2", "1",
+                           "--json", str(out)],
                           cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for label in ("plain PyTorch loop", "agvm-ds, AGVM off", "agvm-ds, AGVM every 10", "agvm-ds, AGVM every 1"):
         assert label in proc.stdout
-    assert "AGVM overhead, agvm-ds, AGVM every 1 / AGVM off" in proc.stdout
+    assert "AGVM overhead at 2 images/GPU, agvm-ds, AGVM every 1 / AGVM off: step time" in proc.stdout
 
     result = json.loads(out.read_text())
     assert result["world_size"] == 1 and result["size"] == [96, 96] and result["accumulation"] == 2
-    variants = result["variants"]
-    assert list(variants) == ["plain", "agvm_off", "agvm_10", "agvm_1"]
-    for name, row in variants.items():
-        assert len(row["step_times_s"]) == 3
-        # 1 image x 2 micro-batches per step, over the median step time
-        assert row["images_per_s_per_gpu"] == pytest.approx(2 / row["step_time_s"])
-        # MFU = 3 x forward FLOPs x images/s / peak (1 TFLOP/s given)
-        assert row["mfu"] == pytest.approx(3 * result["forward_gflops_per_image"] * 1e9 * row["images_per_s_per_gpu"] / 1e12)
-        assert row["peak_allocated_gib"] is None  # no CUDA allocator on CPU
-        if name != "plain":
-            ratio = row["images_per_s_vs_plain"]
-            assert ratio["mean"] > 0 and math.isfinite(ratio["half_width_95"])
-    # timed iterations 1..3: AGVM every 1 measures in all three, every 10 in none, off never
-    assert variants["agvm_1"]["agvm_stats_steps_timed"] == 3
-    assert variants["agvm_10"]["agvm_stats_steps_timed"] == 0
-    assert all(math.isfinite(m["phi"]) for m in variants["agvm_1"]["agvm_statistics"].values())
-    assert all(math.isnan(m["phi"]) for m in variants["agvm_off"]["agvm_statistics"].values())
-    assert variants["agvm_1"]["step_time_vs_agvm_off"]["mean"] > 0
-    assert "step_time_vs_agvm_off" not in variants["agvm_off"]
+    assert [run["images_per_gpu"] for run in result["runs"]] == [1, 2]  # a sweep, in ascending order
+    for run in result["runs"]:
+        variants = run["variants"]
+        assert list(variants) == ["plain", "agvm_off", "agvm_10", "agvm_1"]
+        for name, row in variants.items():
+            assert len(row["step_times_s"]) == 3
+            # images x 2 micro-batches per step, over the median step time
+            assert row["images_per_s_per_gpu"] == pytest.approx(run["images_per_gpu"] * 2 / row["step_time_s"])
+            # MFU = 3 x forward FLOPs x images/s / peak (1 TFLOP/s given)
+            assert row["mfu"] == pytest.approx(
+                3 * result["forward_gflops_per_image"] * 1e9 * row["images_per_s_per_gpu"] / 1e12)
+            assert row["peak_allocated_gib"] is None  # no CUDA allocator on CPU
+            if name != "plain":
+                ratio = row["images_per_s_vs_plain"]
+                assert ratio["mean"] > 0 and math.isfinite(ratio["half_width_95"])
+        # timed iterations 1..3, then 5..7: AGVM every 1 measures in all, every 10 in none, off never
+        assert variants["agvm_1"]["agvm_stats_steps_timed"] == 3
+        assert variants["agvm_10"]["agvm_stats_steps_timed"] == 0
+        assert all(math.isfinite(m["phi"]) for m in variants["agvm_1"]["agvm_statistics"].values())
+        assert all(math.isnan(m["phi"]) for m in variants["agvm_off"]["agvm_statistics"].values())
+        assert variants["agvm_1"]["step_time_vs_agvm_off"]["mean"] > 0
+        assert "step_time_vs_agvm_off" not in variants["agvm_off"]
 
     # time_to_train.py reads the agvm-ds (AGVM every 10) figure of such a file, labelled as measured
-    model, point = ttt.throughput_from_json(out)
-    assert model == "faster_rcnn_r18_tiny" and point.images_per_gpu == 1
-    assert point.images_per_s == variants["agvm_10"]["images_per_s_per_gpu"]
-    assert point.source.startswith("measured: result.json, agvm-ds, AGVM every 10")
+    model, points = ttt.throughput_from_json(out)
+    assert model == "faster_rcnn_r18_tiny" and [p.images_per_gpu for p in points] == [1, 2]
+    assert points[1].images_per_s == result["runs"][1]["variants"]["agvm_10"]["images_per_s_per_gpu"]
+    assert points[0].source.startswith("measured: result.json, agvm-ds, AGVM every 10")
 
 
 @pytest.mark.slow
@@ -80,8 +84,9 @@ def test_throughput_runs_under_the_deepspeed_launcher_on_two_ranks(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads(out.read_text())
-    assert result["world_size"] == 2 and list(result["variants"]) == ["plain", "agvm_1"]
-    row = result["variants"]["agvm_1"]
+    (run,) = result["runs"]
+    assert result["world_size"] == 2 and list(run["variants"]) == ["plain", "agvm_1"]
+    row = run["variants"]["agvm_1"]
     assert row["images_per_s_total"] == pytest.approx(2 * row["images_per_s_per_gpu"])
     # two ranks x one micro-batch: two gradients per step, enough for AGVM to measure
     assert all(math.isfinite(m["phi"]) for m in row["agvm_statistics"].values())
