@@ -94,7 +94,7 @@ def test_cli_reports_bad_config_and_exits_2(capsys):
     assert train_main(["--config", "configs/synthetic_tiny.yaml", "train.epochz=3"]) == 2
     assert "train.epochz" in capsys.readouterr().err
     assert train_main(["--config", "missing.yaml"]) == 2
-    assert "experiment config not found: missing.yaml" in capsys.readouterr().err
+    assert "experiment config 'missing.yaml': no such file" in capsys.readouterr().err
 
 
 def test_cli_prints_resolved_config(capsys):
@@ -207,7 +207,7 @@ def test_malformed_yaml_file_is_one_line_naming_it(tmp_path):
 
 
 def test_model_and_model_overrides_are_checked_at_load_time():
-    with pytest.raises(ValueError, match=r"unknown model 'faster_rcnn_r18_tiyn'; known models are \[.*'faster_rcnn_r18_tiny'"):
+    with pytest.raises(ValueError, match=r"unknown model 'faster_rcnn_r18_tiyn': .*; known models are \[.*'faster_rcnn_r18_tiny'"):
         load_config(None, ["model=faster_rcnn_r18_tiyn"])
     with pytest.raises(ValueError, match=r"model_overrides: unknown key\(s\) \['model_overrides.foo'\]; valid keys are .*'min_size'"):
         load_config(None, ["model_overrides.foo=1"])
@@ -230,7 +230,7 @@ def test_deepspeed_overrides_may_not_set_what_the_trainer_owns(key, instead):
 
 
 def test_deepspeed_file_is_checked_at_load_time_and_the_shipped_ones_listed(tmp_path):
-    with pytest.raises(ValueError, match=r"deepspeed='ds_configs/zero9.json': file not found.*zero2_fp32.json"):
+    with pytest.raises(ValueError, match=r"deepspeed='ds_configs/zero9.json': file not found.*zero2_fp32"):
         load_config(None, ["deepspeed=ds_configs/zero9.json"])
     broken = tmp_path / "broken.json"
     broken.write_text("{\"zero_optimization\": ")
@@ -280,3 +280,17 @@ def test_model_info_reads_overrides_as_the_experiment_config_does(capsys):
     assert model_info(["faster_rcnn_r18_tiny", "--meta", "--set", "detector_kwargs.box_nms_thresh=5e-1"]) == 0
     assert model_info(["faster_rcnn_r18_tiny", "--meta", "--set", "detector_kwargs.box_nms_thresh"]) == 2
     assert "is not of the form key.sub=value" in capsys.readouterr().err
+
+
+def test_configs_models_and_deepspeed_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from agvm_ds.engine.deepspeed_config import deepspeed_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config("synthetic_tiny", ["deepspeed=zero3_bf16", "model=mask_rcnn_r18_tiny"])
+    assert config.optimizer.name == "adamw" and deepspeed_config(config)["zero_optimization"]["stage"] == 3
+    assert load_config("configs/synthetic_tiny.yaml").deepspeed == "ds_configs/zero2_fp32.json"  # the file's own path form
+    assert deepspeed_config(load_config("configs/synthetic_tiny.yaml"))["zero_optimization"]["stage"] == 2
+    (tmp_path / "mine.yaml").write_text("model: faster_rcnn_r18_tiny\ntrain:\n  epochs: 3\n")
+    assert load_config("mine.yaml").train.epochs == 3  # a path is read as given
+    with pytest.raises(FileNotFoundError, match=r"experiment config 'synthetic_tyni': no such file .*synthetic_tiny"):
+        load_config("synthetic_tyni")

@@ -18,11 +18,12 @@ import timm
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 
 from ..config_checks import apply_overrides, read_yaml_mapping, reject_unknown_keys
+from ..resources import find, shipped_dir, shipped_names
 
 __all__ = ["DEFAULT_ANCHOR_SIZES", "DEFAULT_ASPECT_RATIOS", "DETECTORS", "FEATURE_MAPS", "MODELS_DIR", "NORMS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-"""The ``models/`` folder of the checkout holding the named definitions (``<name>.yaml``)."""
+MODELS_DIR = shipped_dir("models")
+"""The folder of the shipped definitions (``<name>.yaml``): the package's copy, or the checkout's ``models/``."""
 
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet}
 NORMS = ("frozen_bn", "bn", "sync_bn")
@@ -224,23 +225,23 @@ class ModelSpec:
 
 
 def model_names() -> list[str]:
-    """The names of the definitions in ``models/``."""
-    return sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+    """The names of the shipped definitions."""
+    return shipped_names("models")
 
 
 def load_spec(name_or_path: Union[str, os.PathLike], overrides: Optional[Mapping[str, Any]] = None) -> ModelSpec:
-    """Loads ``models/<name>.yaml`` (or a YAML file given by path) and applies ``overrides``.
+    """Loads the shipped definition ``name`` (``models/<name>.yaml``) or a YAML file given by path, and
+    applies ``overrides``.
 
     Args:
         overrides: key -> value, applied by ``config_checks.apply_overrides``: a dotted key sets a
             nested value (``{"detector_kwargs.rpn_batch_size_per_image": 64}``), a mapping value is
             merged into the mapping it replaces (``{"backbone_kwargs": {"drop_path_rate": 0.1}}``).
     """
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = MODELS_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown model {str(name_or_path)!r}; known models are {model_names()}")
+    path = find("models", name_or_path)
+    if path is None:
+        raise ValueError(f"unknown model {str(name_or_path)!r}: not a shipped name nor a YAML file "
+                         f"(a relative path is read from {Path.cwd()}); known models are {model_names()}")
     values = read_yaml_mapping(path, "model spec")
     values.setdefault("name", path.stem)
     return ModelSpec.from_dict(apply_overrides(values, overrides or {}))

@@ -19,9 +19,8 @@ from ..agvm import AGVMConfig
 from ..config_checks import apply_overrides, parse_overrides, read_yaml_mapping, reject_unknown_keys
 from ..data.transforms import RECIPES
 from ..detection.spec import ModelSpec, load_spec
+from ..resources import find, shipped_dir, shipped_names
 
-DS_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-"""The ``ds_configs/`` folder of the checkout holding the shipped DeepSpeed configs."""
 
 #: DeepSpeed keys the trainer derives from the experiment -> the experiment key to set instead.
 TRAINER_OWNED_DEEPSPEED_KEYS = {
@@ -37,6 +36,7 @@ __all__ = [
     "OptimizerConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "deepspeed_file",
     "load_config",
     "parse_overrides",
 ]
@@ -239,13 +239,19 @@ class ExperimentConfig:
 
 
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Reads a YAML experiment file (or the defaults), applies ``key.sub=value`` overrides, and checks
+    """Reads an experiment file (a path, or a shipped name: ``synthetic_tiny``) or the defaults, applies ``key.sub=value`` overrides, and checks
     what the config refers to: the model definition with its overrides, the DeepSpeed JSON file and,
     for ``data.dataset: coco``, the image folders and annotation files.
 
     Raises:
         ValueError: one line naming the key (and the file) at fault and what is allowed.
     """
+    if path is not None:
+        found = find("configs", path)
+        if found is None:
+            raise FileNotFoundError(f"experiment config {str(path)!r}: no such file (a relative path is read from "
+                                    f"{Path.cwd()}) and not a shipped name; shipped: {', '.join(shipped_names('configs'))}")
+        path = found
     values = read_yaml_mapping(path, "experiment config") if path is not None else {}
     values = apply_overrides(values, parse_overrides(overrides))
     try:
@@ -272,14 +278,19 @@ def _check_references(config: ExperimentConfig) -> None:
                 raise ValueError(f"data.{key}={str(path)!r}: {'image folder' if is_dir else 'annotation file'} not found")
 
 
-def _check_deepspeed_file(deepspeed: str) -> None:
-    path = Path(deepspeed)
-    shipped = ", ".join(sorted(p.name for p in DS_CONFIGS_DIR.glob("*.json")))
-    if not path.is_file():
+def deepspeed_file(deepspeed: str) -> Path:
+    """The DeepSpeed JSON file ``deepspeed`` names: a path, or a shipped name (``zero2_fp32``)."""
+    path = find("ds_configs", deepspeed)
+    if path is None:
         raise ValueError(
-            f"deepspeed={deepspeed!r}: file not found (a relative path is read from {Path.cwd()}); "
-            f"the shipped configs in {DS_CONFIGS_DIR} are {shipped}"
+            f"deepspeed={deepspeed!r}: file not found (a relative path is read from {Path.cwd()}) and not a shipped "
+            f"name; the shipped configs in {shipped_dir('ds_configs')} are {', '.join(shipped_names('ds_configs'))}"
         )
+    return path
+
+
+def _check_deepspeed_file(deepspeed: str) -> None:
+    path = deepspeed_file(deepspeed)
     try:
         ds = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config_checks import apply_overrides
-from .config import ExperimentConfig
+from .config import ExperimentConfig, deepspeed_file
 
 __all__ = ["deepspeed_config"]
 
@@ -18,10 +18,7 @@ __all__ = ["deepspeed_config"]
 def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
     """The JSON file named by ``config.deepspeed`` with ``deepspeed_overrides`` merged on top, the batch
     keys set from the data and train sections, and monitors writing under the run directory."""
-    path = Path(config.deepspeed)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {path} (see ds_configs/)")
-    ds = apply_overrides(json.loads(path.read_text()), config.deepspeed_overrides)
+    ds = apply_overrides(json.loads(deepspeed_file(config.deepspeed).read_text()), config.deepspeed_overrides)
     ds["train_micro_batch_size_per_gpu"] = config.data.batch_size_per_rank
     ds["gradient_accumulation_steps"] = config.train.gradient_accumulation_steps
     ds.pop("train_batch_size", None)
