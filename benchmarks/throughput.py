@@ -143,6 +143,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.images_per_gpu is not None:
         overrides.append(f"data.batch_size_per_rank={min(args.images_per_gpu)}")
     overrides.append(f"train.gradient_accumulation_steps={args.accumulation}")
+    overrides.append("data.dataset=synthetic")  # the inputs are made here: no data set is read or checked
     config = load_config(args.config, overrides)
     spec = load_spec(config.model, config.model_overrides)
     if args.size is None:
