@@ -304,8 +304,10 @@ def check_agvm_can_measure(names: Sequence[str], settings: Settings, world: int)
                          "use --accumulation 2 or more ranks")
 
 
-def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tflops: Optional[float]) -> dict[str, Any]:
-    """Builds the variants once, then times them at each number of images per GPU."""
+def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tflops: Optional[float],
+        on_size_done: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Builds the variants once, then times them at each number of images per GPU; ``on_size_done``
+    gets the result so far after each size (so a sweep cut off by a time limit keeps what it measured)."""
     import deepspeed.comm as dist
 
     world = dist.get_world_size()
@@ -315,14 +317,7 @@ def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tfl
     flops = forward_flops(build_detector(spec, device="meta"), settings.size)["total"]
     peak, peak_source = dense_bf16_peak(device, peak_tflops)
     steps, optimizers = build_variants(names, settings, device, world)
-    runs = []
-    for images_per_gpu in settings.images_per_gpu:
-        try:
-            runs.append(measure(steps, optimizers, settings, images_per_gpu, spec, device, flops, peak))
-        except torch.OutOfMemoryError as error:
-            runs.append({"images_per_gpu": images_per_gpu, "oom": str(error).splitlines()[0]})
-            break
-    return {
+    result = {
         "device": device_description(device),
         "world_size": world,
         "model": config.model,
@@ -337,10 +332,19 @@ def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tfl
         "forward_gflops_per_image": flops / 1e9,
         "peak_flops": peak,
         "peak_source": peak_source,
-        "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed"), "python": platform.python_version()},
-        "runs": runs,
+        "runs": [],
     }
+    for images_per_gpu in settings.images_per_gpu:
+        try:
+            result["runs"].append(measure(steps, optimizers, settings, images_per_gpu, spec, device, flops, peak))
+        except torch.OutOfMemoryError as error:
+            result["runs"].append({"images_per_gpu": images_per_gpu, "oom": str(error).splitlines()[0]})
+        result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        on_size_done(result)
+        if "oom" in result["runs"][-1]:
+            break
+    return result
 
 
 def measure(steps: dict[str, Callable[[list[MicroBatch]], None]], optimizers: dict[str, Any], settings: Settings,
@@ -474,8 +478,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.cuda.set_device(device)
     names = [name for name in VARIANTS if name in args.variants.split(",")]
     is_main = dist.get_rank() == 0
+
+    def write_json(result: dict[str, Any]) -> None:
+        if is_main and args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+
     try:
-        result = run(settings, names, device, args.peak_tflops)
+        result = run(settings, names, device, args.peak_tflops, on_size_done=write_json)
     except torch.OutOfMemoryError as error:  # building the variants: the model states alone do not fit
         print(f"throughput: out of memory on rank {dist.get_rank()} before the first step, with "
               f"{len(names)} variant(s) resident: {str(error).splitlines()[0]}", file=sys.stderr)
@@ -485,8 +494,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if is_main:
         print(format_report(result))
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
     dist.destroy_process_group()
     return 0
 
