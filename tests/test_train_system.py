@@ -33,7 +33,7 @@ def tiny_overrides(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
 
 
 def agvm_train(args: list[str], ranks: int = 1, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())}
     if ranks == 1:
         command = [sys.executable, "-m", "agvm_ds.engine.cli", *args]
     else:

@@ -115,10 +115,25 @@ def load(engine, checkpoint: Checkpoint) -> dict[str, Any]:
         _, client_state = load_checkpoint(engine, str(checkpoint.directory), tag=tag)
     except (RuntimeError, EOFError, OSError) as error:
         raise RuntimeError(f"checkpoint {checkpoint.directory / tag} could not be loaded: {error}") from error
-    if universal:  # ZeRO-3's universal load copies group 0's hyper-parameters into every group
+    if universal:
+        _load_buffers(engine.module, checkpoint.path)
+        # ZeRO-3's universal load copies group 0's hyper-parameters into every group
         for group, values in zip(engine.optimizer.param_groups, hyperparameters):
             group.update(values)
     return client_state
+
+
+def _load_buffers(module, tag_dir: Path) -> None:
+    """Restores the module's buffers (BatchNorm statistics) from rank 0's model-states file: a universal
+    load restores parameters only."""
+    import torch
+
+    path = min(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    saved = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
 
 
 def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
