@@ -76,6 +76,7 @@ def test_agents_receive_their_peers_recent_transitions(results, round_name, firs
         added = result[round_name]["added"]
         source, index = added["obs"][:, 0] // 1000, added["obs"][:, 0] % 1000
         assert sorted(np.unique(source, return_counts=True)[1]) == [BATCH] * (WORLD - 1)
+        assert result[round_name]["report"]["transitions_received"] == (WORLD - 1) * BATCH
         assert rank not in source
         assert ((index >= first_index) & (index < first_index + INTERVAL)).all()  # from the last interval only
         np.testing.assert_array_equal(added["actions"], index % 2)
