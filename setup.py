@@ -1,4 +1,20 @@
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+SHIPPED = ("models", "configs", "ds_configs")  # found by name at run time (agvm_ds/resources.py)
+
+
+class BuildWithShippedDefinitions(build_py):
+    """Copies models/, configs/ and ds_configs/ into the built package as agvm_ds/shipped/<folder>."""
+
+    def run(self):
+        super().run()
+        for folder in SHIPPED:
+            shutil.copytree(folder, Path(self.build_lib) / "agvm_ds" / "shipped" / folder, dirs_exist_ok=True)
+
 
 setup(
     name="agvm-ds",
@@ -25,6 +41,7 @@ setup(
         "gymnasium[box2d]>=1.0",  # LTCR's environments; the box2d extra (Box2D + pygame-ce) is LunarLander-v3's
     ],
     extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    cmdclass={"build_py": BuildWithShippedDefinitions},
     entry_points={
         "console_scripts": [
             "agvm-train=agvm_ds.engine.cli:main",
