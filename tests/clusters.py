@@ -112,7 +112,11 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         _wait(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, 30, "munged")
 
     def run(self, *command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(command, env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=60)
+        return self.run_in(Path.cwd(), dict(os.environ), *command)
+
+    def run_in(self, cwd: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+        """A Slurm client command; a job submitted this way inherits ``env`` and starts in ``cwd``."""
+        return subprocess.run(command, cwd=cwd, env={**env, **self.env()}, capture_output=True, text=True, timeout=60)
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...)."""
@@ -133,22 +137,18 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 class SshNodes:
     """sshd on a loopback port, a root key, and two /etc/hosts aliases of 127.0.0.1: two "nodes".
 
-    pdsh (as the deepspeed launcher runs it) reaches them with the options in :meth:`env`; the
-    user's ~/.ssh is left alone.
+    The deepspeed launcher checks each host with a plain ``ssh HOST hostname`` before pdsh runs, so
+    the port and key for the two aliases go in an ssh client drop-in (removed by :meth:`stop`); the
+    user's ~/.ssh and every other host are left alone.
     """
+
+    CLIENT_CONFIG = Path("/etc/ssh/ssh_config.d/agvm-ds-test-nodes.conf")
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.key = workdir / "id_ed25519"
         self.sshd: Optional[subprocess.Popen] = None
-
-    def ssh_options(self) -> list[str]:
-        return ["-p", str(self.port), "-i", str(self.key), "-o", "StrictHostKeyChecking=no",
-                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes"]
-
-    def env(self) -> dict[str, str]:
-        return {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": " ".join(self.ssh_options())}
 
     def start(self) -> "SshNodes":
         add_host_aliases()
@@ -168,6 +168,15 @@ UsePAM no
 StrictModes no
 PidFile {w}/sshd.pid
 """)
+        self.CLIENT_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        self.CLIENT_CONFIG.write_text(f"""Host {' '.join(NODE_ALIASES)}
+    Port {self.port}
+    IdentityFile {self.key}
+    StrictHostKeyChecking no
+    UserKnownHostsFile /dev/null
+    LogLevel ERROR
+    BatchMode yes
+""")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.sshd = subprocess.Popen([shutil.which("sshd", path="/usr/sbin:/sbin") or "sshd", "-D", "-e",
                                       "-f", str(w / "sshd_config")], stdout=subprocess.DEVNULL,
@@ -176,10 +185,11 @@ PidFile {w}/sshd.pid
         return self
 
     def ssh(self, host: str, command: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["ssh", *self.ssh_options(), host, command], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["ssh", host, command], capture_output=True, text=True, timeout=30)
 
     def stop(self) -> None:
         _stop(self.sshd)
+        self.CLIENT_CONFIG.unlink(missing_ok=True)
 
 
 def add_host_aliases() -> None:
