@@ -6,7 +6,10 @@ runs in about a minute on two CPU cores; the named definitions are checked on th
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -478,3 +481,27 @@ def test_bad_anchors_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ValueError) as error:
         load_spec("faster_rcnn_r18_tiny", overrides)
     assert message in str(error.value) and next(iter(overrides)) in str(error.value)
+
+
+def test_pretrained_backbone_offline_and_uncached_is_one_error_naming_the_weights_and_pretrained_file(tmp_path):
+    """``pretrained: true`` goes through timm's hub cache; with no network and an empty cache the error says
+    which weights to fetch and that ``pretrained_file`` takes a local copy."""
+    script = ("from agvm_ds.detection import build_detector, load_spec\n"
+              "build_detector(load_spec('faster_rcnn_r18_tiny', {'pretrained': 'resnet18.a1_in1k'}))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "TORCH_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1
+    assert last.startswith("RuntimeError: pretrained weights 'timm/resnet18.a1_in1k' of backbone 'resnet18.a1_in1k'")
+    assert "model_overrides.pretrained_file" in last
+
+
+@pytest.mark.parametrize("value, message", [
+    ("resnet50.a1_in1k", "expected true, false, or a timm name of 'resnet18' weights"),
+    (3, "expected true, false"),
+])
+def test_pretrained_must_name_weights_of_the_backbone(value, message):
+    with pytest.raises(ValueError, match=message):
+        load_spec("faster_rcnn_r18_tiny", {"pretrained": value})
+    with pytest.raises(ValueError, match="pretrained_file is given too"):
+        load_spec("faster_rcnn_r18_tiny", {"pretrained": True, "pretrained_file": "x.pth"})

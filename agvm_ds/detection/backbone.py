@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import timm
 import torch
 from timm.layers import LayerNorm2d, use_reentrant_ckpt
+from timm.models import get_pretrained_cfg
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
@@ -71,6 +72,7 @@ class TimmFPNBackbone(nn.Module):
 def create_body(
     name: str,
     norm: str = "frozen_bn",
+    pretrained: Union[bool, str] = False,
     pretrained_file: Optional[str] = None,
     checkpointing: bool = False,
     **kwargs,
@@ -84,6 +86,8 @@ def create_body(
 
     Args:
         norm: ResNet only: ``frozen_bn``, ``bn`` or ``sync_bn``.
+        pretrained: True (timm's default weights of ``name``) or a tagged timm name of them, through
+            timm's hub cache; offline and not cached, a RuntimeError names them and ``pretrained_file``.
         pretrained_file: a local checkpoint loaded through timm (never a download).
         checkpointing: checkpoint each block (timm ``set_grad_checkpointing``).
         kwargs: more ``timm.create_model`` arguments.
@@ -102,7 +106,10 @@ def create_body(
         if not Path(pretrained_file).is_file():
             raise FileNotFoundError(f"pretrained_file={pretrained_file!r}: no such file")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))
-    body = timm.create_model(name, pretrained=pretrained_file is not None, **kwargs)
+    if pretrained and pretrained_file is None:
+        body = _from_timm_hub(pretrained if isinstance(pretrained, str) else name, **kwargs)
+    else:
+        body = timm.create_model(name, pretrained=pretrained_file is not None, **kwargs)
     if norm == "sync_bn":
         body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
     if checkpointing:
@@ -112,6 +119,20 @@ def create_body(
             raise ValueError("checkpointing needs timm's non-reentrant checkpointing; unset TIMM_REENTRANT_CKPT")
         body.set_grad_checkpointing(True)
     return body
+
+
+def _from_timm_hub(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)``, with one clear error when the weights cannot be had."""
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as error:  # huggingface_hub's offline / not-found / connection errors are OSErrors
+        weights = get_pretrained_cfg(name).hf_hub_id or get_pretrained_cfg(name).url
+        raise RuntimeError(
+            f"pretrained weights {weights!r} of backbone {name!r} are not in timm's cache and could not be "
+            f"downloaded ({type(error).__name__}); fetch them where the network is reachable (timm.create_model("
+            f"{name!r}, pretrained=True) fills the cache), or set model_overrides.pretrained_file to a local "
+            "checkpoint of them"
+        ) from error
 
 
 def _frozen_bn(num_features: int, device=None, dtype=None, **kwargs) -> FrozenBatchNorm2d:

@@ -27,7 +27,7 @@ __all__ = ["build_backbone", "build_detector", "agvm_modules"]
 def build_backbone(spec: ModelSpec, load_pretrained: bool = True) -> TimmFPNBackbone:
     """The FPN backbone of ``spec``: C2-C5 + max-pooled P6 for the R-CNNs, C3-C5 + P6/P7 for RetinaNet."""
     family = backbone_family(spec.backbone)
-    if family == "resnet" and spec.norm == "frozen_bn" and spec.pretrained_file is None:
+    if family == "resnet" and spec.norm == "frozen_bn" and spec.pretrained_file is None and not spec.pretrained:
         warnings.warn(
             f"{spec.name or spec.backbone}: norm=frozen_bn without pretrained_file freezes BN at its initial "
             "statistics (no normalisation); give pretrained_file, or use norm=bn / sync_bn from scratch",
@@ -36,6 +36,7 @@ def build_backbone(spec: ModelSpec, load_pretrained: bool = True) -> TimmFPNBack
     body = create_body(
         spec.backbone,
         norm=spec.norm,
+        pretrained=spec.pretrained if load_pretrained else False,
         pretrained_file=spec.pretrained_file if load_pretrained else None,
         checkpointing=spec.checkpointing,
         **spec.backbone_kwargs,

@@ -95,8 +95,13 @@ class ModelSpec:
             only). Swin bodies use LayerNorm and accept only the default.
         checkpointing: activation checkpointing of every backbone block (timm
             ``set_grad_checkpointing``, non-reentrant torch checkpointing).
+        pretrained: ``true`` loads timm's default pretrained weights of ``backbone``, a timm name
+            with a tag (``resnet50.a1_in1k``) those weights; fetched through timm's hub cache (a
+            download when not cached). Offline and not cached: an error naming the weights and
+            ``pretrained_file``.
         pretrained_file: a local timm checkpoint of the backbone (``.pth``/``.bin``/``.safetensors``),
             loaded through timm's pretrained path (key remapping, window resizing); never downloaded.
+            Takes the place of ``pretrained``.
         backbone_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, or the
             architecture of a body timm has no name for: ``embed_dim``, ``depths``, ``num_heads``).
         detector_kwargs: numeric knobs of the torchvision detector class (``rpn_batch_size_per_image``,
@@ -121,6 +126,7 @@ class ModelSpec:
     trainable_stages: int = 3
     norm: str = "frozen_bn"
     checkpointing: bool = False
+    pretrained: Union[bool, str] = False
     pretrained_file: Optional[str] = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     detector_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -160,6 +166,12 @@ class ModelSpec:
             raise bad("checkpointing", "expected true or false")
         if self.pretrained_file is not None and (not isinstance(self.pretrained_file, str) or not self.pretrained_file):
             raise bad("pretrained_file", "expected null or the path of a local checkpoint file")
+        if not (isinstance(self.pretrained, bool) or (isinstance(self.pretrained, str) and self.pretrained.startswith(
+                f"{self.backbone}.") and timm.is_model(self.pretrained))):
+            raise bad("pretrained", f"expected true, false, or a timm name of {self.backbone!r} weights "
+                                    f"({self.backbone}.<tag>, e.g. from timm.list_pretrained({self.backbone + '*'!r}))")
+        if self.pretrained and self.pretrained_file is not None:
+            raise bad("pretrained", "pretrained_file is given too; keep one of them")
         if not isinstance(self.backbone_kwargs, dict) or not all(isinstance(k, str) for k in self.backbone_kwargs):
             raise bad("backbone_kwargs", "expected a mapping of timm.create_model argument names to values")
         if not isinstance(self.detector_kwargs, dict):
