@@ -411,7 +411,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"device: {result['device']}; {result['world_size']} rank(s); torch {result['versions']['torch']}, "
         f"deepspeed {result['versions']['deepspeed']}",
-        f"model {result['model']} {result['model_overrides'] or ''} at {height}x{width}, {result['accumulation']} "
+        f"model {result['model']}{_overrides_text(result['model_overrides'])} at {height}x{width}, {result['accumulation']} "
         f"micro-batches per step, {result['precision']}, ZeRO-{result['zero_stage']}, {result['optimizer']}; "
         f"medians over {result['steps']} rounds after {result['warmup']} warm-up rounds",
         f"forward {result['forward_gflops_per_image']:.1f} GFLOPs/image (agvm_ds.detection.summary; heads at their "
@@ -444,6 +444,10 @@ def format_report(result: dict[str, Any]) -> str:
     else:
         lines.append(f"memory: no CUDA allocator on this device; process peak RSS {result['max_rss_gib']:.2f} GiB")
     return "\n".join(lines)
+
+
+def _overrides_text(overrides: dict[str, Any]) -> str:
+    return "".join(f" {key}={value}" for key, value in overrides.items())
 
 
 def _ratio_text(ratio: Optional[dict[str, float]]) -> str:
