@@ -12,13 +12,17 @@ from distributed import free_port
 from launch_jobs import LAUNCH, finish, job_env, start, tiny_job
 
 
+def _started(kind, binaries: tuple[str, ...], packages: str, workdir: Path):
+    absent = missing(binaries)
+    if absent:
+        pytest.skip(f"{', '.join(absent)} not installed (.ci/run installs Debian's {packages})")
+    return kind(workdir).start()
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """munged, slurmctld and slurmd on this machine for the whole session; clients need ``cluster.env()``."""
-    absent = missing(SLURM_BINARIES)
-    if absent:
-        pytest.skip(f"Slurm is not installed ({', '.join(absent)} missing; .ci/run installs slurm-wlm and munge)")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    cluster = _started(SlurmCluster, SLURM_BINARIES, "slurm-wlm and munge", tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
 
@@ -26,10 +30,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 @pytest.fixture(scope="session")
 def ssh_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshNodes]:
     """sshd on a loopback port and two host aliases of 127.0.0.1, reachable by ssh and pdsh."""
-    absent = missing(SSH_BINARIES)
-    if absent:
-        pytest.skip(f"ssh/pdsh are not installed ({', '.join(absent)} missing; .ci/run installs openssh-server, pdsh)")
-    nodes = SshNodes(tmp_path_factory.mktemp("ssh")).start()
+    nodes = _started(SshNodes, SSH_BINARIES, "openssh-server and pdsh", tmp_path_factory.mktemp("ssh"))
     yield nodes
     nodes.stop()
 

@@ -189,8 +189,8 @@ def test_a_corrupt_annotation_file_fails_at_start_up_with_one_line(tmp_path: Pat
 
 @pytest.mark.slow
 def test_local_sh_dry_run_describes_num_gpus_ranks_on_this_machine() -> None:
-    result = subprocess.run(["bash", str(LAUNCH / "local.sh"), "--dry-run", "train.epochs=1"], cwd=REPO,
-                            env=script_env(NUM_GPUS="3"), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["bash", str(LAUNCH / "local.sh"), "--num-gpus", "3", "--dry-run", "train.epochs=1"],
+                            cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world: 3 rank(s) on 1 node(s)" in result.stdout
@@ -199,15 +199,15 @@ def test_local_sh_dry_run_describes_num_gpus_ranks_on_this_machine() -> None:
 
 @pytest.mark.slow
 def test_multinode_sh_dry_run_reads_the_hostfile_and_needs_one() -> None:
-    ok = subprocess.run(["bash", str(LAUNCH / "multinode.sh"), "--config", "configs/synthetic_tiny.yaml",
-                         "--dry-run"], cwd=REPO, env=script_env(HOSTFILE=str(HOSTFILE_EXAMPLE), NUM_GPUS="2"),
+    ok = subprocess.run(["bash", str(LAUNCH / "multinode.sh"), "--hostfile", str(HOSTFILE_EXAMPLE), "--config",
+                         "configs/synthetic_tiny.yaml", "--dry-run"], cwd=REPO, env=script_env(NUM_GPUS="2"),
                         capture_output=True, text=True, timeout=300)
     missing = subprocess.run(["bash", str(LAUNCH / "multinode.sh"), "--dry-run"], cwd=REPO, env=script_env(),
                              capture_output=True, text=True, timeout=60)
 
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "world: 8 rank(s) on 4 node(s) (node1 x2, node2 x2, node3 x2, node4 x2)" in ok.stdout
-    assert missing.returncode != 0 and "set HOSTFILE=PATH" in missing.stderr
+    assert missing.returncode != 0 and "give --hostfile PATH" in missing.stderr
 
 
 def test_sbatch_requests_whole_nodes_with_one_task_per_gpu_and_a_requeue_signal() -> None:

@@ -42,9 +42,8 @@ def test_hostfile_launch_on_two_ssh_nodes_ends_on_a_dead_rank_and_resumes_exactl
     hostfile.write_text("agvm-node-a slots=1\nagvm-node-b slots=1\n")
     node_env = tmp_path / "deepspeed_env"  # what DeepSpeed exports to every node; the ranks' thread count
     node_env.write_text("OMP_NUM_THREADS=1\n")
-    env = job_env(HOSTFILE=str(hostfile), MASTER_ADDR="agvm-node-a", MASTER_PORT=str(free_port()),
-                  DS_ENV_FILE=str(node_env))
-    multinode = ["bash", str(LAUNCH / "multinode.sh"), *tiny_job(run, tiny_data)]
+    env = job_env(MASTER_ADDR="agvm-node-a", MASTER_PORT=str(free_port()), DS_ENV_FILE=str(node_env))
+    multinode = ["bash", str(LAUNCH / "multinode.sh"), "--hostfile", str(hostfile), *tiny_job(run, tiny_data)]
 
     output, seconds = kill_rank_when_checkpointed(start(multinode, env), run, rank=1)
     resumed = finish(start([*multinode, "--resume", "auto"], env))
