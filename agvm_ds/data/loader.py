@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Subset
 
+from ..seeding import loader_seed
 from .sampler import DistributedGroupedBatchSampler, ShardedEvalSampler, aspect_ratio_group_ids
 
 __all__ = ["build_detection_loader", "collate_detection"]
@@ -64,9 +65,10 @@ def build_detection_loader(
     (:class:`ShardedEvalSampler`), batches of ``batch_size`` with the last one possibly short; no
     grouping. ``even_eval_batches=True`` pads shards to equal length (for ZeRO-3 inference).
 
-    Augmentation randomness comes from the worker seeds (drawn from a generator seeded with
-    ``(seed, rank)``); a resumed epoch replays the same images in the same batches, not the same
-    random flips and scales.
+    A resumed epoch replays the same images in the same batches. Their random flips and scales
+    replay too when the dataset seeds each sample's augmentation from (seed, epoch, index), as the
+    trainer's ``SeededSamples`` does; the loader's own generator (``seeding.loader_seed``) only
+    draws the workers' base seeds.
     """
     if train:
         if aspect_ratio_grouping:
@@ -82,7 +84,7 @@ def build_detection_loader(
         shard = ShardedEvalSampler(len(dataset), rank, world_size, even=even_eval_batches)  # type: ignore[arg-type]
         batch_sampler = BatchSampler(shard, batch_size, drop_last=False)
     generator = torch.Generator()
-    generator.manual_seed(seed * 100_003 + rank)
+    generator.manual_seed(loader_seed(seed, rank))
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

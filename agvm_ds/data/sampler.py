@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..seeding import shuffle_rng
+
 __all__ = ["DistributedGroupedBatchSampler", "ShardedEvalSampler", "aspect_ratio_group_ids"]
 
 
@@ -98,7 +100,7 @@ class DistributedGroupedBatchSampler(Sampler[list[int]]):
         """All ranks' batches of the current epoch, in step order (global batch ``k`` of step
         ``s`` is ``plan[s * world_size + r]``)."""
         n = len(self.group_ids)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = shuffle_rng(self.seed, self.epoch).permutation(n) if self.shuffle else np.arange(n)
         buffers: dict[int, list[int]] = {}
         batches: list[list[int]] = []
         for index in order.tolist():

@@ -40,6 +40,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from ..seeding import synthetic_image_rng
+
 __all__ = ["CATEGORIES", "SyntheticPaths", "make_synthetic_coco"]
 
 #: Bump when the drawing code changes, so existing stamped sets are regenerated.
@@ -172,7 +174,7 @@ def _write_split(split: str, count: int, folder: Path, ann_path: Path, image_siz
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(count):
-        rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+        rng = synthetic_image_rng(seed, _SPLIT_CODE[split], index)
         image_id = index + 1
         pixels, instances = _draw_image(rng, index, image_size)
         height, width = pixels.shape[:2]

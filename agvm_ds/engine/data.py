@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import CocoDetection, SyntheticPaths, build_detection_loader, build_transforms, make_synthetic_coco
+from ..seeding import sample_seed
 from .config import DataConfig
 
 __all__ = ["Datasets", "build_datasets", "train_loader", "val_loader", "val_split", "SeededSamples"]
@@ -34,7 +35,7 @@ class SeededSamples(Dataset):
         return self.dataset.aspect_ratios  # type: ignore[attr-defined]
 
     def __getitem__(self, index: int) -> Any:
-        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
         return self.dataset[index]
 
 

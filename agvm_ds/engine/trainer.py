@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..agvm import AGVM, init_distributed, initialize
 from ..detection import ModelSpec, build_detector, load_spec
 from ..evaluation import CocoEvaluator, format_coco_summary
+from ..seeding import step_seed
 from . import checkpointing
 from .buffers import RunningStatsSnapshot, average_running_stats
 from .config import ExperimentConfig
@@ -219,8 +220,8 @@ class Trainer:
         the BatchNorm running statistics its forward pass updated are restored.
         """
         device = self.engine.device
-        step_seed = ((self.config.seed * 1_000_003 + self.rank) * 10_000_019 + self.engine.global_steps) * 131
-        torch.manual_seed(step_seed + self.batch_in_epoch % self.gas)  # proposal sampling, replayed on resume
+        # proposal sampling, replayed on resume
+        torch.manual_seed(step_seed(self.config.seed, self.rank, self.engine.global_steps, self.batch_in_epoch % self.gas))
         images = [image.to(device, self.dtype) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         skip_nonfinite = self.config.train.skip_nonfinite_loss
