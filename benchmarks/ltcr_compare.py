@@ -7,7 +7,7 @@ Each (environment, variant, seed) is one team of ``--agents`` ranks started with
 (``python -m torch.distributed.run --standalone``), trained by ``ltcr.cli`` from the shipped config of the
 environment plus the variant's switches and any ``key=value`` overrides. A finished run (its ``latest``
 checkpoint is the last step) is skipped; an interrupted one resumes from its checkpoint. Afterwards the team-mean
-evaluation returns are gathered into ``<out>/results.md``, ``<out>/results.csv`` and ``<out>/team_return.png``:
+evaluation returns of every environment under ``<out>`` are gathered into ``<out>/results.md``, ``<out>/results.csv`` and ``<out>/team_return.png``:
 mean and spread (standard deviation, min-max) over seeds, the area under the curve (the mean team return over
 all evaluations, i.e. the normalised AUC) and the environment steps per agent at which the team mean first
 reaches the solved threshold.
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -43,8 +44,11 @@ def run_dir(out: Path, env: str, variant: str, seed: int) -> Path:
     return out / env / variant / f"seed{seed}"
 
 
-def is_finished(folder: Path, steps: int) -> bool:
-    latest = folder / "checkpoints" / "latest"
+def is_finished(folder: Path, steps: int | None = None) -> bool:
+    """Whether the run reached ``steps`` (default: the ``train.steps`` it was started with)."""
+    latest, config = folder / "checkpoints" / "latest", folder / "config.yaml"
+    if steps is None and config.is_file():
+        steps = yaml.safe_load(config.read_text())["train"]["steps"]
     return latest.is_file() and latest.read_text().strip() == f"step_{steps:09d}"
 
 
@@ -70,7 +74,7 @@ def summarize(env: str, args: argparse.Namespace) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         curves = [team_curve(run_dir(args.out, env, variant, s)) for s in args.seeds
-                  if is_finished(run_dir(args.out, env, variant, s), args.steps)]
+                  if is_finished(run_dir(args.out, env, variant, s))]
         if not curves:
             continue
         aucs = [statistics.fmean(v for _, v in c) for c in curves]
@@ -78,7 +82,7 @@ def summarize(env: str, args: argparse.Namespace) -> list[dict]:
         hits = [next((step for step, v in c if v >= threshold), None) for c in curves]
         reached = [h for h in hits if h is not None]
         rows.append({
-            "env": env, "variant": variant, "seeds": len(curves), "steps_per_agent": args.steps,
+            "env": env, "variant": variant, "seeds": len(curves), "steps_per_agent": curves[0][-1][0],
             "auc_mean": statistics.fmean(aucs), "auc_std": _std(aucs),
             "final_mean": statistics.fmean(finals), "final_std": _std(finals),
             "solved_threshold": threshold, "seeds_solved": len(reached),
@@ -142,8 +146,9 @@ def main() -> None:
             for seed in args.seeds:  # seed-major: an early stop still leaves every variant with equal seeds
                 for variant in args.variants:
                     train(env, variant, seed, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_report([row for env in args.env for row in summarize(env, args)], args.out)
+    args.out.mkdir(parents=True, exist_ok=True)  # the report covers every environment run so far under --out
+    reported = [env for env in CONFIG_OF if env in args.env or (args.out / env).is_dir()]
+    write_report([row for env in reported for row in summarize(env, args)], args.out)
 
 
 if __name__ == "__main__":
