@@ -21,11 +21,11 @@ skipped; the transform still normalises and pads to 32) with 8 random boxes each
 Mask R-CNN), made on the device before timing, so no data loading is timed. AGVM needs at least two
 micro-batch gradients per step to measure anything, hence ``--accumulation 2`` by default on one rank.
 
-Printed (and written with ``--json``), for each number of images per GPU (several make a sweep in
-one process, which stops at the first that runs out of memory): medians over ``--steps`` timed
-rounds after ``--warmup`` of images/s per GPU and step time; peak CUDA memory (max_memory_allocated/reserved during the variant's
-steps, which includes the other variants' resident weights and optimizer states: use ``--variants``
-for one variant's own peak); MFU = 3 x forward FLOPs per image (``agvm_ds.detection.summary``'s
+Printed (and written with ``--json``, rewritten after each size), for each number of images per GPU
+(several make a sweep in one process, which stops at the first that runs out of memory): medians
+over ``--steps`` timed rounds after ``--warmup`` of images/s per GPU and step time; peak CUDA memory
+(max_memory_allocated/reserved during the variant's steps, which includes the other variants'
+resident weights and optimizer states: use ``--variants`` for one variant's own peak); MFU = 3 x forward FLOPs per image (``agvm_ds.detection.summary``'s
 counting; activation recomputation not counted) x images/s / the GPU's dense bf16 peak; and paired
 ratios with 95% confidence intervals: images/s agvm-ds / plain, step time AGVM on / AGVM off.
 """
