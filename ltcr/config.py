@@ -7,6 +7,7 @@ entry ``r % len(per_agent)`` overrides ``agent`` keys for the agent of rank ``r`
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ class LTCRConfig:
             raise ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as YAML writes them
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> LTCRConfig:
@@ -239,14 +240,6 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return float(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ValueError(f"{key}={value!r}: expected {hint.__name__}")
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
     return value
 
 

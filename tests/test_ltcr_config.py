@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from ltcr.config import CONFIG_DIR, load_config
 
@@ -57,3 +58,9 @@ def test_cli_reports_an_unknown_environment_in_one_line():
 def test_unknown_config_name_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match=r"LTCR config not found: cartpol \(shipped configs: \['acrobot', "):
         load_config("cartpol")
+
+
+def test_resolved_config_written_by_a_run_loads_back_equal(tmp_path):
+    config = load_config("lunarlander", ["transfer.teacher=return", "per_agent=[{hidden: [8, 8]}]"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    assert load_config(tmp_path / "config.yaml") == config
