@@ -140,3 +140,16 @@ def test_budget_below_the_fixed_part_of_a_round_is_refused():
     peers = PeerGroup(rank=0, world_size=4, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"transfer.budget_bytes=1000: a round with 4 agents needs at least 5760"):
         TransferProtocol(TransferConfig(interval=100, batch=32, budget_bytes=1000), peers, obs_dim=4, atoms=51)
+
+
+def test_slurm_task_variables_stand_in_for_rank_and_world_size(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    alone = init_peers("cpu")
+    assert (alone.rank, alone.world_size, alone.peers) == (0, 1, [])
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=4 but \['MASTER_ADDR', 'MASTER_PORT'\] not set"):
+        init_peers("cpu")
