@@ -349,6 +349,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 estimates[batch].append(windows)
         point_rows = summarise(point, estimates, modules, micro)
         rows.extend(point_rows)
+        write_table(rows, COLUMNS, Path(args.out) / "phi_by_batch")  # a long run's finished points are kept
         largest = {r["module"]: r["phi_scalar"] for r in point_rows if r["batch"] == batches[-1]}
         print(f"  {point.name} (iteration {point.iteration}): batch {batches[-1]} phi "
               + ", ".join(f"{m} {v:.3g}" for m, v in largest.items())
@@ -371,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"variance_by_batch: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    print(write_table(rows, COLUMNS, out / "phi_by_batch"))
+    print((out / "phi_by_batch.md").read_text())
     for path in plot(rows, out):
         print(f"wrote {path}")
     return 0
