@@ -6,6 +6,7 @@ and stopped afterwards. Nothing listens beyond the loopback interface.
 """
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import shutil
@@ -129,9 +130,15 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         return self.job(job_id)
 
     def stop(self) -> None:
-        for process in reversed(self.processes):
-            _stop(process)
-        _stop(self.munged)
+        """Cancels what a failed test left queued or running (the controller is private to these tests), then
+        stops the daemons; a job's slurmstepd and srun would otherwise outlive slurmd."""
+        self.run("scancel", f"--user={getpass.getuser()}")
+        try:
+            _wait(lambda: not self.run("squeue", "-h").stdout.strip(), 60, "the cancelled jobs' end")
+        finally:
+            for process in reversed(self.processes):
+                _stop(process)
+            _stop(self.munged)
 
 
 class SshNodes:

@@ -23,8 +23,7 @@ def tiny_job(run_dir: Path, data_root: Path) -> list[str]:
     a 30 s process-group timeout so nothing can hang on a dead rank for long."""
     return ["--config", "configs/synthetic_tiny.yaml",
             *tiny_overrides(run_dir, data_root, "train.max_iters=4", "train.checkpoint_iters=2",
-                            "train.eval_interval=100", "train.checkpoint_interval=100", "train.dist_timeout_s=30",
-                            "data.test_size=128")]
+                            "train.eval_interval=100", "train.checkpoint_interval=100", "train.dist_timeout_s=30")]
 
 
 def job_env(**extra: str) -> dict[str, str]:
