@@ -29,13 +29,12 @@ import datetime
 import enum
 import json
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .optimizer import AGVM
+from .optimizer import AGVM
 
 __all__ = [
     "EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "init_distributed", "initialize", "save_checkpoint",
@@ -256,11 +255,11 @@ CLIENT_STATE_KEY = "agvm"
 
 def initialize(
     model: nn.Module,
-    optimizer: "AGVM",
+    optimizer: AGVM,
     config: Union[str, os.PathLike, dict[str, Any]],
     **kwargs: Any,
 ):
-    """``deepspeed.initialize`` for an AGVM optimizer, then ``optimizer.attach(engine)``.
+    """``deepspeed.initialize`` for an AGVM optimizer, then ``optimizer.attach`` with the engine's view.
 
     DeepSpeed accepts a client optimizer under ZeRO only if its type is whitelisted or
     ``zero_allow_untested_optimizer`` is set; AGVM is not on the list, so the key is set here.
@@ -278,7 +277,7 @@ def initialize(
     engine, ds_optimizer, dataloader, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, **kwargs
     )
-    optimizer.attach(engine)
+    optimizer.attach(DeepSpeedView(engine, optimizer))
     return engine, ds_optimizer, dataloader, scheduler
 
 
@@ -316,9 +315,7 @@ def _unlink_cpu_allreduce_segment() -> None:
         os.unlink(name)
 
 
-def _agvm_of(engine) -> "AGVM":
-    from .optimizer import AGVM
-
+def _agvm_of(engine) -> AGVM:
     optimizer = engine.basic_optimizer
     if not isinstance(optimizer, AGVM):
         raise TypeError(f"engine's client optimizer is {type(optimizer).__name__}, not AGVM")

@@ -23,7 +23,7 @@ uses gradients of step t and scales the learning rate from step t + 1. ZeRO-1/2/
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 
@@ -31,6 +31,9 @@ from .config import AGVMConfig
 from .estimator import GradientMoments
 from .grouping import MODULE_KEY
 from .modulator import GradientVarianceModulator
+
+if TYPE_CHECKING:  # the adapter imports this module; this one needs only the view's type
+    from .deepspeed_integration import DeepSpeedView
 
 __all__ = ["AGVM"]
 
@@ -131,13 +134,12 @@ class AGVM(torch.optim.Optimizer):
     def module_names(self) -> list[str]:
         return self.modulator.module_names
 
-    def attach(self, engine) -> None:
-        """Connects to the DeepSpeed engine that wraps this optimizer and starts measuring."""
-        from .deepspeed_integration import DeepSpeedView
-
+    def attach(self, view: "DeepSpeedView") -> None:
+        """Connects to the DeepSpeed engine that wraps this optimizer, through its ``DeepSpeedView``
+        (built by ``agvm_ds.initialize``), and starts measuring."""
         if self._view is not None:
             raise RuntimeError("AGVM: already attached to an engine")
-        self._view = DeepSpeedView(engine, self)
+        self._view = view
         if self._view.num_micro_batches < 2 and self.config.enabled:
             logger.warning(
                 "AGVM: one micro-batch gradient per step (1 data-parallel rank, no gradient accumulation): "
