@@ -208,9 +208,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole experiment. ``model`` names a definition in ``models/`` (or a YAML path) and
-    ``model_overrides`` changes any of its fields; ``deepspeed`` is a JSON file from ``ds_configs/``
-    whose batch sizes the trainer fills in, with ``deepspeed_overrides`` merged on top."""
+    """A whole experiment. ``model`` names a shipped definition (``models/``) or a YAML path, and
+    ``model_overrides`` changes any of its fields; ``deepspeed`` names a shipped DeepSpeed config
+    (``ds_configs/``) or a JSON path, whose batch sizes the trainer fills in, with
+    ``deepspeed_overrides`` merged on top (see ``agvm_ds.resources``)."""
 
     model: str = "faster_rcnn_r18_tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
