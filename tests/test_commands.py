@@ -37,6 +37,15 @@ def test_eval_in_one_process_equals_the_two_rank_runs_own_evaluation(run, tmp_pa
     assert logged["bbox"]["AR100"] > 0  # the comparison is not between two empty evaluations
 
 
+def test_eval_of_a_zero3_checkpoint_in_one_process_equals_the_runs_own(tmp_path):
+    """ZeRO-3 keeps no whole parameter anywhere: the weights come only from merging the 2 ranks' partitions."""
+    run = tmp_path / "run"
+    finish(agvm_train(["--config", "configs/synthetic_tiny.yaml", "deepspeed=zero3_bf16", "deepspeed_overrides.torch_autocast.enabled=false",
+                       *tiny_overrides(run, tmp_path / "data", "train.max_iters=1")], ranks=2))
+    assert evaluate.main([str(run), "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == json.loads((run / "eval" / "metrics.json").read_text())
+
+
 def test_eval_refuses_a_set_with_other_categories(run, tmp_path, capsys):
     val = run.parent / "data" / "annotations" / "instances_val.json"
     other = json.loads(val.read_text())

@@ -12,7 +12,6 @@ low-precision inference; these are fp32's.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -22,7 +21,7 @@ import torch
 from ..data import CocoDetection, build_detection_loader, build_transforms
 from ..evaluation import CocoEvaluator, format_coco_summary
 from .data import val_split
-from .trained_run import TrainedRun, trained_detector
+from .trained_run import TrainedRun, command_parser, trained_detector
 
 __all__ = ["evaluate_run", "main"]
 
@@ -69,10 +68,7 @@ def _dataset(run: TrainedRun, images: Optional[str], ann: Optional[str], with_ma
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="agvm-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="the run's output_dir (holds config.json and checkpoints/)")
-    parser.add_argument("--checkpoint", metavar="TAG", help="a tag in RUN_DIR/checkpoints (default: the newest complete one)")
+    parser = command_parser("agvm-eval", __doc__)
     parser.add_argument("--ann", help="annotation file of another COCO-format set (with --images)")
     parser.add_argument("--images", help="image folder of that set")
     parser.add_argument("--out", help="where results and metrics go (default: RUN_DIR/eval_<tag>)")

@@ -9,13 +9,12 @@ metadata holds the resolved model spec and the class names (see :mod:`agvm_ds.de
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..detection.weights import save_detector
-from .trained_run import TrainedRun, consolidated_state_dict
+from .trained_run import TrainedRun, command_parser, consolidated_state_dict
 
 __all__ = ["export", "main"]
 
@@ -32,10 +31,7 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], tag: Optional[str] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="agvm-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="the run's output_dir (holds config.json and checkpoints/)")
-    parser.add_argument("--checkpoint", metavar="TAG", help="a tag in RUN_DIR/checkpoints (default: the newest complete one)")
+    parser = command_parser("agvm-export", __doc__)
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     args = parser.parse_args(argv)
     try:

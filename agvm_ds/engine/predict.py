@@ -11,7 +11,6 @@ labels, scores and masks drawn. Images are decoded as training decodes them (16-
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.coco import ImageReadError, _read_rgb
 from ..detection.weights import load_detector
+from .trained_run import TrainedRun, command_parser, trained_detector
 
 __all__ = ["IMAGE_SUFFIXES", "image_files", "load_model", "main", "predict_image"]
 
@@ -38,8 +38,6 @@ def load_model(source: Union[str, Path], tag: Optional[str] = None) -> torch.nn.
     source = Path(source)
     if source.is_file():
         return load_detector(source)
-    from .trained_run import TrainedRun, trained_detector
-
     return trained_detector(TrainedRun.open(source, tag))
 
 
@@ -98,13 +96,10 @@ def _image_id(path: Path) -> Union[int, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="agvm-predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a run directory (its newest complete checkpoint) or an agvm-export .safetensors file")
+    parser = command_parser("agvm-predict", __doc__, "model", "a run directory or an agvm-export .safetensors file")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="folder for NAME.json and NAME.png per image")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0.5)")
-    parser.add_argument("--checkpoint", metavar="TAG", help="with a run directory: a tag in RUN_DIR/checkpoints")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model, args.checkpoint)

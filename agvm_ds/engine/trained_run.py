@@ -7,6 +7,7 @@ evaluation size the recipe derived), holding the checkpoint's fp32 weights and B
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -23,7 +24,7 @@ from . import checkpointing
 from .config import ExperimentConfig, load_config
 from .trainer import _evaluation_sized
 
-__all__ = ["TrainedRun", "consolidated_state_dict", "find_checkpoint", "run_categories", "trained_detector"]
+__all__ = ["TrainedRun", "command_parser", "consolidated_state_dict", "find_checkpoint", "run_categories", "trained_detector"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,13 @@ def trained_detector(run: TrainedRun) -> torch.nn.Module:
     """The plain torchvision detector of ``run`` holding its checkpoint's weights, in eval mode."""
     return detector_from_state_dict(consolidated_state_dict(run.checkpoint), run.spec, run.categories)
 
+
+
+def command_parser(prog: str, doc: str, source: str = "run_dir",
+                   source_help: str = "the run's output_dir (holds config.json and checkpoints/)") -> argparse.ArgumentParser:
+    """The arguments of every command that reads a run: the run (``source``) and ``--checkpoint TAG``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(source, help=source_help)
+    parser.add_argument("--checkpoint", metavar="TAG",
+                        help="a tag in RUN_DIR/checkpoints (default: the newest complete one, as --resume auto picks)")
+    return parser
