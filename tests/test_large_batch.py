@@ -16,6 +16,7 @@ import torch
 from agvm_ds.agvm.estimator import GradientMoments, moments_from_gradients, noise_scale, variance_proxy
 from agvm_ds.engine.config import load_config
 from agvm_ds.engine.schedule import peak_lr
+from agvm_ds.engine.trained_run import TrainedRun, consolidated_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -132,6 +133,13 @@ def test_smoke_sweep_collects_ap_and_skips_finished_runs_when_started_again(tmp_
     assert config["train"]["gradient_accumulation_steps"] == 16 and config["optimizer"]["lr_scaling"] == "linear"
     assert [r["seeds"] for r in _rows(tmp_path / "summary.csv")] == ["1", "1"]
     assert (tmp_path / "ap_by_epoch.png").is_file() and (tmp_path / "ap_by_batch.png").is_file()
+
+    # variance_by_batch --run measures a run's newest complete checkpoint: its merged fp32 weights
+    trained = TrainedRun.open(tmp_path / "runs/b2_sgd_agvm_s0")
+    model = variance_by_batch.checkpoint_model(trained, trained.config)
+    saved, state = consolidated_state_dict(trained.checkpoint), model.state_dict()
+    assert trained.checkpoint.tag == "iter_00000001" and set(saved) <= set(state)
+    assert all(torch.equal(state[k], saved[k].to(state[k].dtype)) for k in saved)
 
     again = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
