@@ -83,7 +83,8 @@ def plan(base_batch: int, scale: int, optimizers: Sequence[str], seeds_large: in
     runs = []
     for batch in (base_batch, scale * base_batch):
         if batch % (per_rank * ranks):
-            raise ValueError(f"batch {batch} is not a multiple of data.batch_size_per_rank={per_rank} x {ranks} rank(s)")
+            raise ValueError(f"batch {batch} is not a multiple of data.batch_size_per_rank={per_rank} "
+                             f"x {ranks} rank(s)")
         accumulation = batch // (per_rank * ranks)
         steps = steps_at[batch]
         warmup = max(1, round(warmup_fraction * steps))

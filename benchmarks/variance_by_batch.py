@@ -278,7 +278,8 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("phi = 1 - cos (two halves)")
         axes[0][0].legend(fontsize=8)
-        fig.suptitle("solid: scalar estimator, dashed: official two halves; bars: spread of one measurement", fontsize=9)
+        fig.suptitle("solid: scalar estimator, dashed: official two halves; bars: spread of one measurement",
+                     fontsize=9)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
