@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Optional, Sequence
 
@@ -99,11 +100,15 @@ def dry_run_report(config: ExperimentConfig, world: World) -> str:
 
 
 def _single_process_world() -> None:
-    """Lets ``deepspeed.init_distributed`` build a world of one when no launcher set one up."""
+    """Lets ``deepspeed.init_distributed`` build a world of one when no launcher set one up, on a free
+    port, so two single-process runs on one machine do not collide."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29533")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
 
 
 def _user_error(error: Exception, every_rank: bool) -> int:
