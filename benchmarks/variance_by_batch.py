@@ -46,7 +46,7 @@ from agvm_ds.engine.data import Datasets, build_datasets, train_loader
 from agvm_ds.engine.optim import build_optimizer
 from agvm_ds.engine.schedule import lr_multiplier, peak_lr
 from agvm_ds.engine.trained_run import TrainedRun, consolidated_state_dict
-from agvm_ds.engine.trainer import _evaluation_sized
+from agvm_ds.engine.sizing import evaluation_sized
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import write_table  # noqa: E402
@@ -157,7 +157,7 @@ class Point:
 def scratch_model(config: ExperimentConfig, num_classes: int) -> nn.Module:
     """The model the trainer builds for ``config`` (same seed, spec and resize rule)."""
     torch.manual_seed(config.seed)
-    spec = _evaluation_sized(load_spec(config.model, config.model_overrides), config)
+    spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
     return build_detector(spec.with_overrides({"num_classes": num_classes}),
                          resize_in_model=config.data.test_resize() is None)
 

@@ -294,3 +294,18 @@ def test_configs_models_and_deepspeed_configs_are_found_by_name_from_any_directo
     assert load_config("mine.yaml").train.epochs == 3  # a path is read as given
     with pytest.raises(FileNotFoundError, match=r"experiment config 'synthetic_tyni': no such file .*synthetic_tiny"):
         load_config("synthetic_tyni")
+
+
+def test_evaluation_size_comes_from_the_recipe_and_a_conflicting_model_size_is_refused():
+    from agvm_ds.detection import load_spec
+    from agvm_ds.engine.sizing import evaluation_sized
+
+    config = load_config(None, ["data.scales=[384,400]", "data.max_size=666"])
+    spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
+    assert (spec.min_size, spec.max_size) == (400, 666)
+    agreeing = load_config(None, ["data.scales=[384,400]", "data.max_size=666", "model_overrides.min_size=400",
+                                  "model_overrides.max_size=666"])
+    assert evaluation_sized(load_spec(agreeing.model, agreeing.model_overrides), agreeing).min_size == 400
+    conflicting = load_config(None, ["data.scales=[384,400]", "data.max_size=666", "model_overrides.min_size=192"])
+    with pytest.raises(ValueError, match=r"model_overrides \{'min_size': 192\}.*data.test_size=400 / data.test_max_size=666"):
+        evaluation_sized(load_spec(conflicting.model, conflicting.model_overrides), conflicting)

@@ -44,7 +44,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-__all__ = ["EIGHT_BIT_MODES", "SIXTEEN_BIT_MODES", "CocoDetection", "ImageReadError", "decode_segmentation"]
+__all__ = [
+    "EIGHT_BIT_MODES", "SIXTEEN_BIT_MODES", "CocoDetection", "ImageReadError", "decode_segmentation", "read_rgb",
+]
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
@@ -148,7 +150,7 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
-        image = _read_rgb(path)
+        image = read_rgb(path)
         height, width = image.shape[-2:]
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(
@@ -308,7 +310,7 @@ EIGHT_BIT_MODES: tuple[str, ...] = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK")
 SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _read_rgb(path: Path) -> tv_tensors.Image:
+def read_rgb(path: Path) -> tv_tensors.Image:
     """Decode an image file to a 3 x H x W uint8 RGB tensor; errors name the file (even in workers)."""
     try:
         with Image.open(path) as img:

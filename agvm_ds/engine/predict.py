@@ -23,7 +23,7 @@ from torchvision.io import write_png
 from torchvision.transforms.v2.functional import to_dtype
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..data.coco import ImageReadError, _read_rgb
+from ..data.coco import ImageReadError, read_rgb
 from ..detection.weights import load_detector
 from .trained_run import TrainedRun, command_parser, trained_detector
 
@@ -55,7 +55,7 @@ def image_files(paths: Iterable[Union[str, Path]]) -> list[Path]:
 @torch.no_grad()
 def predict_image(model: torch.nn.Module, path: Path, score_threshold: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The decoded uint8 image and the model's detections with ``score >= score_threshold``."""
-    image = _read_rgb(path)
+    image = read_rgb(path)
     output = model([to_dtype(image, torch.float32, scale=True)])[0]
     keep = output["scores"] >= score_threshold
     return image, {k: v[keep] for k, v in output.items()}

@@ -22,7 +22,7 @@ from ..detection import ModelSpec, load_spec
 from ..detection.weights import detector_from_state_dict
 from . import checkpointing
 from .config import ExperimentConfig, load_config
-from .trainer import _evaluation_sized
+from .sizing import evaluation_sized
 
 __all__ = ["TrainedRun", "command_parser", "consolidated_state_dict", "find_checkpoint", "run_categories", "trained_detector"]
 
@@ -47,7 +47,7 @@ class TrainedRun:
         config = load_config(config_file)
         checkpoint = find_checkpoint(run_dir, tag)
         categories = tuple(run_categories(config))
-        spec = _evaluation_sized(load_spec(config.model, config.model_overrides), config)
+        spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
         return cls(run_dir, config, checkpoint, spec.with_overrides({"num_classes": len(categories) + 1}), categories)
 
 

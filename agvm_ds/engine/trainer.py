@@ -27,6 +27,7 @@ from .config import ExperimentConfig
 from .data import build_datasets, train_loader, val_loader
 from .deepspeed_config import deepspeed_config
 from .optim import build_optimizer, describe
+from .sizing import evaluation_sized
 from .plots import plot_run
 from .run_log import RunLog
 from .schedule import lr_multiplier, peak_lr
@@ -65,7 +66,7 @@ class Trainer:
         if not torch.cuda.is_available():
             torch.set_num_threads(_cpu_threads_per_rank(self.world))
 
-        spec = _evaluation_sized(load_spec(config.model, config.model_overrides), config)
+        spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
         with_masks = spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
@@ -310,24 +311,6 @@ class Trainer:
         self.saved_iteration = self.engine.global_steps
         checkpointing.save(self.engine, self.run_dir, self.engine.global_steps, state,
                            self.config.train.keep_checkpoints, self.is_main)
-
-
-def _evaluation_sized(spec: ModelSpec, config: ExperimentConfig) -> ModelSpec:
-    """The spec with the model's (evaluation) resize set from the data recipe, so that evaluation
-    sees images at the scale training saw them; a conflicting ``model_overrides`` size is an error."""
-    resize = config.data.test_resize()
-    if resize is None:
-        return spec
-    given = {k: config.model_overrides[k] for k in ("min_size", "max_size") if k in config.model_overrides}
-    derived = {"min_size": resize[0], "max_size": resize[1]}
-    conflicts = {k: v for k, v in given.items() if v != derived[k]}
-    if conflicts:
-        raise ValueError(
-            f"model_overrides {conflicts} would evaluate at another size than recipe {config.data.recipe!r} trains at: "
-            f"evaluation images are resized to data.test_size={resize[0]} / data.test_max_size={resize[1]} "
-            "(derived from the recipe unless given); drop the model_overrides sizes, or set data.test_size/test_max_size"
-        )
-    return spec.with_overrides(derived)
 
 
 def _sizes(spec: ModelSpec) -> str:
