@@ -309,3 +309,11 @@ def test_evaluation_size_comes_from_the_recipe_and_a_conflicting_model_size_is_r
     conflicting = load_config(None, ["data.scales=[384,400]", "data.max_size=666", "model_overrides.min_size=192"])
     with pytest.raises(ValueError, match=r"model_overrides \{'min_size': 192\}.*data.test_size=400 / data.test_max_size=666"):
         evaluation_sized(load_spec(conflicting.model, conflicting.model_overrides), conflicting)
+
+
+def test_phi_plot_says_how_many_micro_batch_gradients_each_point_used():
+    from agvm_ds.engine.plots import _estimate_note
+
+    assert "M = 2 micro-batch gradients" in _estimate_note(2) and "mostly noise" in _estimate_note(2)
+    assert "M = 64" in _estimate_note(64) and "noise" not in _estimate_note(64)
+    assert _estimate_note(None) == ""

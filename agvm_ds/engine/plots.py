@@ -49,6 +49,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 if series:
                     ax.plot(*zip(*series), label=module)
             ax.set(xlabel="iteration", ylabel=label, yscale="log" if log_scale else "linear")
+            ax.set_title(_estimate_note(agvm[-1].get("agvm_micro_batches")), fontsize=8)
             ax.legend()
             ax.grid(alpha=0.3)
             save(fig, name)
@@ -75,6 +76,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         save(fig, "map.png")
     return written
+
+
+def _estimate_note(micro_batches: Optional[int]) -> str:
+    """What one statistics step measured: with M micro-batch gradients, phi is an average over M(M-1)/2
+    pairs; at M = 2 a single pair, noise of the order of the differences between modules."""
+    if micro_batches is None:
+        return ""
+    note = f"each point from M = {micro_batches} micro-batch gradients (ranks x accumulation)"
+    if micro_batches <= 4:
+        note += "\nat small M one step's phi is mostly noise (see benchmarks/variance_by_batch.py)"
+    return note
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -268,7 +268,8 @@ class Trainer:
         losses = {name: float(total) / count for name, total in self.window_losses.items()}
         self.window_losses, self.window_micro_batches = {}, 0
         record = {"iteration": it, "epoch": self.epoch, "loss": sum(losses.values()), **losses,
-                  "lr": lrs[0], "images_per_s": images_per_s, "agvm": self.optimizer.statistics()}
+                  "lr": lrs[0], "images_per_s": images_per_s, "agvm": self.optimizer.statistics(),
+                  "agvm_micro_batches": self.world * self.gas}
         self.log.train(record)
         progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_s:.1f}", lr=f"{lrs[0]:.3g}")
         self.engine.monitor.write_events([("Train/loss", record["loss"], self.engine.global_samples),
@@ -318,7 +319,10 @@ def _sizes(spec: ModelSpec) -> str:
 
 
 def _cpu_threads_per_rank(world: int) -> int:
-    """CPU ranks share the machine's cores; oversubscribed ranks ran 5-8x slower in our measurements."""
+    """CPU ranks share the machine's cores; oversubscribed ranks ran 5-8x slower in our measurements.
+    An explicit OMP_NUM_THREADS wins: results then do not depend on how the ranks are spread over nodes."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
     return max(1, (os.cpu_count() or 1) // local_ranks)
 
