@@ -100,7 +100,9 @@ def test_cli_reports_bad_config_and_exits_2(capsys):
 def test_cli_prints_resolved_config(capsys):
     assert train_main(["--config", "configs/synthetic_tiny.yaml", "--print-config", "seed=7"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["seed"] == 7 and printed["agvm"]["interval"] == 5
+    assert printed["experiment"]["seed"] == 7 and printed["experiment"]["agvm"]["interval"] == 5
+    assert printed["model_spec"]["min_size"] == 192 and printed["model_spec"]["max_size"] == 208  # evaluation size
+    assert printed["deepspeed"]["train_micro_batch_size_per_gpu"] == 4
 
 
 def test_lr_scales_with_global_batch():

@@ -38,7 +38,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=("env", "slurm"), default="env",
                         help="where the ranks come from: 'env' (deepspeed, torchrun, or none: a world of one) "
                              "or 'slurm' (one srun task per rank)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved experiment config, model spec and DeepSpeed config (JSON) and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="print config, model, DeepSpeed config and world layout, then exit without training")
     layout = parser.add_argument_group("the launch a --dry-run describes (default: this process's launcher)")
@@ -65,9 +66,11 @@ def _world(args: argparse.Namespace) -> World:
 
 
 def _model_spec(config: ExperimentConfig):
+    """The spec the trainer builds, evaluation size included (num_classes follows the data set)."""
     from ..detection import load_spec
+    from .sizing import evaluation_sized
 
-    return load_spec(config.model, config.model_overrides)
+    return evaluation_sized(load_spec(config.model, config.model_overrides), config)
 
 
 def dry_run_report(config: ExperimentConfig, world: World) -> str:
@@ -126,13 +129,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.environ.update(slurm_environment(os.environ))
         config = load_config(args.config, args.overrides)
         if args.print_config:
-            note = NUM_CLASSES_NOTE.format(_model_spec(config).num_classes)
+            from .deepspeed_config import deepspeed_config
+
+            spec = _model_spec(config)
+            resolved = {"experiment": config.to_dict(), "model_spec": spec.to_dict(),
+                        "deepspeed": deepspeed_config(config)}
+            note = NUM_CLASSES_NOTE.format(spec.num_classes)
         if args.dry_run:
             report = dry_run_report(config, _world(args))
     except (ValueError, OSError) as error:
         return _user_error(error, every_rank=False)
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(resolved, indent=2))
         print(f"agvm-train: {note}", file=sys.stderr)
         return 0
     if args.dry_run:
@@ -141,13 +149,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _single_process_world()
-    from .trainer import Trainer
+    from .trainer import Trainer, TrainingDiverged
 
     try:
         trainer = Trainer(config, resume=args.resume)
     except (ValueError, OSError) as error:
         return _user_error(error, every_rank=True)
-    metrics = _fit_or_name_lost_ranks(trainer)
+    try:
+        metrics = _fit_or_name_lost_ranks(trainer)
+    except TrainingDiverged as error:  # the same on every rank: rank 0 says it
+        return _user_error(error, every_rank=False)
     if metrics is None:
         return 1
     if trainer.is_main:
