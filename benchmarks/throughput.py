@@ -49,11 +49,12 @@ import torch
 from torch import nn
 
 from agvm_ds import AGVMConfig, initialize
+from agvm_ds.config_checks import apply_overrides
 from agvm_ds.detection import build_detector, load_spec
 from agvm_ds.detection.summary import forward_flops
-from agvm_ds.engine.cli import _single_process_world
+from agvm_ds.engine.cli import single_process_world
 from agvm_ds.engine.config import ExperimentConfig, load_config
-from agvm_ds.engine.deepspeed_config import deepspeed_config, merge
+from agvm_ds.engine.deepspeed_config import deepspeed_config
 from agvm_ds.engine.optim import build_optimizer
 from agvm_ds.engine.schedule import lr_multiplier, peak_lr
 from timing import Ratio, interleaved_times, paired_ratio
@@ -159,7 +160,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def ds_config_for(settings: Settings) -> dict[str, Any]:
     """The trainer's DeepSpeed config with the benchmark's stage and precision, and no monitors
     (nothing is written to disk inside the timed loop)."""
-    return merge(deepspeed_config(settings.config), {
+    return apply_overrides(deepspeed_config(settings.config), {
         "zero_optimization": {"stage": settings.zero_stage},
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
@@ -239,8 +240,7 @@ def build_variants(names: Sequence[str], settings: Settings, device: torch.devic
     """The step function of each variant, and the AGVM optimizer of each agvm-ds variant."""
     config = settings.config
     torch.manual_seed(config.seed)
-    model = build_detector(load_spec(config.model, config.model_overrides))
-    model.transform._skip_resize = True  # the inputs are made at the benchmark's size
+    model = build_detector(load_spec(config.model, config.model_overrides), resize_in_model=False)  # inputs at size
     ds_config = ds_config_for(settings)
     global_batch = settings.images_per_gpu[0] * settings.accumulation * world  # sets the lr only
     lr = peak_lr(config.optimizer, global_batch)
@@ -465,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"throughput: {error}", file=sys.stderr)
         return 2
-    _single_process_world()
+    single_process_world()
     import deepspeed
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator

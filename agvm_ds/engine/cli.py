@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from .config import ExperimentConfig, load_config
 from .world import World, hostfile_world, launcher_world, local_world, slurm_environment, slurm_world
 
-__all__ = ["main", "dry_run_report"]
+__all__ = ["main", "dry_run_report", "single_process_world"]
 
 NUM_CLASSES_NOTE = ("num_classes: taken from the data set at start-up (its categories + 1 background); "
                     "the model file's value ({}) is only a default")
@@ -102,7 +102,7 @@ def dry_run_report(config: ExperimentConfig, world: World) -> str:
     ])
 
 
-def _single_process_world() -> None:
+def single_process_world() -> None:
     """Lets ``deepspeed.init_distributed`` build a world of one when no launcher set one up, on a free
     port, so two single-process runs on one machine do not collide."""
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
@@ -148,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(report)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _single_process_world()
+    single_process_world()
     from .trainer import Trainer, TrainingDiverged
 
     try:

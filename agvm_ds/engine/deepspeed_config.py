@@ -27,5 +27,3 @@ def deepspeed_config(config: ExperimentConfig) -> dict[str, Any]:
             ds[monitor] = {**ds[monitor], "output_path": str(Path(config.output_dir) / "monitor"), "job_name": "train"}
     return ds
 
-
-merge = apply_overrides  # the name benchmarks/throughput.py imports
