@@ -73,7 +73,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--images", help="image folder of that set")
     parser.add_argument("--out", help="where results and metrics go (default: RUN_DIR/eval_<tag>)")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         metrics = evaluate_run(args.run_dir, args.checkpoint, args.ann, args.images, args.out)
     except (FileNotFoundError, ValueError) as error:
