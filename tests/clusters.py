@@ -75,6 +75,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=cred_expire=10
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 StateSaveLocation={w}/state
