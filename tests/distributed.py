@@ -1,7 +1,7 @@
 """Runs a function on N real CPU ranks (gloo), DeepSpeed's way, and returns each rank's result.
 
 No mocks: each rank is a fresh spawned process with RANK/WORLD_SIZE/MASTER_ADDR set as the
-``deepspeed`` launcher sets them, and ``deepspeed.init_distributed`` builds the process group.
+``deepspeed`` launcher sets them, and ``agvm_ds.agvm.init_distributed`` (DeepSpeed's, without its /dev/shm leak) builds the process group.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )
     try:
-        import deepspeed
         import torch
 
+        from agvm_ds.agvm import init_distributed  # deepspeed.init_distributed, leaving no /dev/shm segment
+
         torch.set_num_threads(1)
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        init_distributed(dist_backend="gloo")
         result = fn(rank, world_size, *args)
         buffer = io.BytesIO()  # tensors as bytes: shared-memory handles die with this process
         torch.save(result, buffer)
