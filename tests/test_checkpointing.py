@@ -28,7 +28,7 @@ def test_auto_resume_takes_the_newest_complete_checkpoint(tmp_path):
     directory = tmp_path / "checkpoints"
     for iteration in (2, 4):
         _complete_tag(directory, iteration)
-    checkpoint = resolve_resume("auto", tmp_path, world_size=2)
+    checkpoint = resolve_resume("auto", tmp_path)
     assert checkpoint.tag == "iter_00000004" and checkpoint.world_size == 2 and checkpoint.notes == ()
 
 
@@ -39,7 +39,7 @@ def test_truncated_or_unfinished_checkpoints_fall_back_to_the_previous_complete_
     optim = directory / "iter_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:50])  # truncated
     (directory / "iter_00000006" / "manifest.json").unlink()  # the save never finished
-    checkpoint = resolve_resume("auto", tmp_path, world_size=2)
+    checkpoint = resolve_resume("auto", tmp_path)
     assert checkpoint.tag == "iter_00000002"
     notes = "\n".join(checkpoint.notes)
     assert "iter_00000006: no manifest.json (the save did not finish)" in notes
@@ -49,22 +49,22 @@ def test_truncated_or_unfinished_checkpoints_fall_back_to_the_previous_complete_
 def test_a_file_of_the_right_size_that_is_not_a_torch_archive_is_named(tmp_path):
     tag = _complete_tag(tmp_path / "checkpoints", 2, archives=False)  # sizes as in the manifest
     with pytest.raises(ValueError, match=r"mp_rank_00_model_states.pt is not a readable torch file"):
-        resolve_resume(str(tag), tmp_path, world_size=2)
+        resolve_resume(str(tag), tmp_path)
 
 
 def test_auto_resume_without_a_complete_checkpoint_starts_fresh_but_a_named_one_must_exist(tmp_path):
     directory = tmp_path / "checkpoints"
     (directory / "iter_00000002").mkdir(parents=True)
-    assert resolve_resume("auto", tmp_path, world_size=1) is None
+    assert resolve_resume("auto", tmp_path) is None
     with pytest.raises(ValueError, match=r"no complete checkpoint in .*iter_00000002: no manifest.json"):
-        resolve_resume(str(directory), tmp_path, world_size=1)
+        resolve_resume(str(directory), tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint directory there"):
-        resolve_resume(str(tmp_path / "nowhere"), tmp_path, world_size=1)
+        resolve_resume(str(tmp_path / "nowhere"), tmp_path)
 
 
 def test_another_world_size_needs_a_universal_load_under_zero(tmp_path):
-    _complete_tag(tmp_path / "checkpoints", 2, world_size=2)
-    checkpoint = resolve_resume("auto", tmp_path, world_size=1)
+    _complete_tag(tmp_path / "checkpoints", 2)
+    checkpoint = resolve_resume("auto", tmp_path)
     zero2 = {"zero_optimization": {"stage": 2}}
     assert checkpoint.needs_universal_load(1, zero2) and not checkpoint.needs_universal_load(2, zero2)
     assert checkpointing.with_universal_load(zero2)["checkpoint"] == {"load_universal": True}

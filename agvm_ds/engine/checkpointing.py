@@ -58,7 +58,7 @@ class Checkpoint:
         return world_size != self.world_size and (stage > 0 or self.zero_stage > 0)
 
 
-def resolve_resume(resume: Optional[str], run_dir: Path, world_size: int) -> Optional[Checkpoint]:
+def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Checkpoint]:
     """The checkpoint ``--resume`` names, checked complete.
 
     ``auto``: the newest complete checkpoint of the run, or None (a fresh start) if it has none; a

@@ -54,7 +54,7 @@ class TrainedRun:
 def find_checkpoint(run_dir: Path, tag: Optional[str] = None) -> checkpointing.Checkpoint:
     """Checkpoint ``tag`` of the run, or its newest complete one (``--resume auto``'s choice), checked complete."""
     directory = run_dir / checkpointing.CHECKPOINT_DIR
-    checkpoint = checkpointing.resolve_resume(str(directory / tag) if tag else "auto", run_dir, world_size=1)
+    checkpoint = checkpointing.resolve_resume(str(directory / tag) if tag else "auto", run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {directory}")
     return checkpoint

@@ -76,7 +76,7 @@ class Trainer:
         model = build_detector(spec, resize_in_model=config.data.test_resize() is None)
 
         ds_config = deepspeed_config(config)
-        checkpoint = checkpointing.resolve_resume(resume, self.run_dir, self.world)
+        checkpoint = checkpointing.resolve_resume(resume, self.run_dir)
         if checkpoint is not None and checkpoint.needs_universal_load(self.world, ds_config):
             ds_config = checkpointing.with_universal_load(ds_config)
         self.gas = ds_config["gradient_accumulation_steps"]
