@@ -24,6 +24,7 @@ set that gives fewer than ``--min-steps`` at 16B.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -105,6 +106,15 @@ def plan(base_batch: int, scale: int, optimizers: Sequence[str], seeds_large: in
                 )
                 runs.append(Run(batch, optimizer, seed, steps, overrides, peak, warmup, start))
     return runs
+
+
+def select(runs: Sequence[Run], patterns: Sequence[str]) -> list[Run]:
+    """The runs whose names match one of ``patterns``; a pattern that matches none is an error."""
+    names = [run.name for run in runs]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"--runs {pattern!r} matches no run of this sweep; its runs: {', '.join(names)}")
+    return [run for run in runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
 
 
 def steps_per_run(config: ExperimentConfig, batches: Sequence[int], ranks: int) -> dict[int, int]:
@@ -228,6 +238,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=16, help="the large batch is scale x B")
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--seeds-large", type=int, default=2, help="seeds of the 16B SGD and SGD+AGVM runs")
+    parser.add_argument("--runs", nargs="+", metavar="PATTERN",
+                        help="only the runs whose names match (shell patterns, e.g. 'b32_*' b2_sgd_s0); "
+                             "the tables then cover those runs")
     for name, value in DEFAULT_LR.items():
         parser.add_argument(f"--lr-{name}", type=float, default=value, help=f"{name} lr at batch B (default {value})")
     parser.add_argument("--warmup-fraction", type=float, default=1 / 8, help="warm-up length as a fraction of the run")
@@ -268,6 +281,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lr = {name: getattr(args, f"lr_{name}") for name in DEFAULT_LR}
         runs = plan(args.base_batch, args.scale, args.optimizers, args.seeds_large, lr, steps_at, args.ranks,
                     per_rank, args.warmup_fraction)
+        if args.runs:
+            runs = select(runs, args.runs)
     except (FileNotFoundError, ValueError) as error:
         print(f"large_batch: {error}", file=sys.stderr)
         return 2

@@ -111,6 +111,14 @@ def test_plan_scales_lr_and_warmup_with_the_batch_and_starts_agvm_after_warmup()
         assert config.agvm.precondition == (config.optimizer.name == "adamw")
 
 
+def test_runs_select_a_subset_by_name_pattern_and_a_pattern_matching_none_is_an_error():
+    runs = large_batch.plan(2, 16, list(large_batch.OPTIMIZERS), 2, LR, {2: 10, 32: 1}, 1, 1, 1 / 8)
+    chosen = large_batch.select(runs, ["b32_*", "b2_sgd_s0"])
+    assert [run.name for run in chosen] == ["b2_sgd_s0"] + [run.name for run in runs if run.batch == 32]
+    with pytest.raises(ValueError, match=r"'b64_\*' matches no run of this sweep; its runs: b2_sgd_s0, "):
+        large_batch.select(runs, ["b64_*"])
+
+
 def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     args = large_batch.parse_args(["--out", str(tmp_path)])
     run = large_batch.plan(16, 16, ["sgd"], 1, LR, {16: 10, 256: 1}, 1, 4, 1 / 8)[0]
