@@ -14,8 +14,8 @@ AdamW+AGVM, LAMB}, all for the same number of epochs, as the paper compares them
 
 A run is finished when its ``sweep_result.json`` exists; an interrupted sweep started again skips
 those and continues a partial run with ``--resume auto``. Results: ``runs.md``/``runs.csv`` (each
-run), ``summary.md``/``summary.csv`` (mean and spread over seeds), ``ap_by_epoch.png`` and
-``ap_by_batch.png``. Before starting it prints the optimizer steps of every run, and refuses a data
+run), ``summary.md``/``summary.csv`` (mean and spread over seeds), ``agvm.md``/``agvm.csv`` (each
+AGVM run's phi and lr factor per module), ``ap_by_epoch.png`` and ``ap_by_batch.png``. Before starting it prints the optimizer steps of every run, and refuses a data
 set that gives fewer than ``--min-steps`` at 16B.
 
     python benchmarks/large_batch.py --smoke                                   # minutes on CPU
@@ -36,7 +36,7 @@ from typing import Any, Optional, Sequence
 
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.data import build_datasets, train_loader
-from agvm_ds.engine.run_log import EVAL_FILE, read_records
+from agvm_ds.engine.run_log import EVAL_FILE, TRAIN_FILE, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import write_table  # noqa: E402
@@ -58,6 +58,7 @@ SMOKE_OVERRIDES = ["data.synthetic_train=40", "data.synthetic_val=8", "data.synt
 RUN_COLUMNS = ["run", "batch", "optimizer", "seed", "steps", "peak_lr", "warmup_iters", "agvm_start", "AP", "AP50",
                "AP_by_epoch"]
 SUMMARY_COLUMNS = ["batch", "optimizer", "seeds", "AP", "AP_std", "AP50"]
+AGVM_COLUMNS = ["run", "module", "phi_logged", "phi_mean", "phi_std", "factor_final", "factor_min", "factor_max"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,26 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def agvm_rows(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """What AGVM measured and did in each AGVM run, per module, from its train log: phi as logged (each log
+    record holds the latest statistics step's; mean and standard deviation of one value) and the lr factor
+    (final, smallest, largest): the measurements that explain what AGVM changed, or why it changed nothing."""
+    rows = []
+    for result in results:
+        if not result["optimizer"].endswith("_agvm"):
+            continue
+        records = [r["agvm"] for r in read_records(out / "runs" / result["run"] / TRAIN_FILE) if "agvm" in r]
+        for module in records[-1] if records else ():
+            phis = [r[module]["phi"] for r in records if math.isfinite(r[module]["phi"])]  # NaN: not measured yet
+            factors = [r[module]["factor"] for r in records]
+            mean = sum(phis) / len(phis) if phis else math.nan
+            std = math.sqrt(sum((p - mean) ** 2 for p in phis) / (len(phis) - 1)) if len(phis) > 1 else math.nan
+            rows.append({"run": result["run"], "module": module, "phi_logged": len(phis), "phi_mean": mean,
+                         "phi_std": std, "factor_final": factors[-1], "factor_min": min(factors),
+                         "factor_max": max(factors)})
+    return rows
+
+
 def plot(results: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """AP against epoch (one line per run; solid at B, dashed at 16B) and final AP against batch per optimizer."""
     import matplotlib
@@ -300,6 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = summarise(results)
     print(write_table(results, RUN_COLUMNS, out / "runs"))
     print(write_table(summary, SUMMARY_COLUMNS, out / "summary"))
+    print(write_table(agvm_rows(results, out), AGVM_COLUMNS, out / "agvm"))
     for path in plot(results, summary, out):
         print(f"wrote {path}")
     return 0

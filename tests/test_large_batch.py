@@ -119,6 +119,22 @@ def test_runs_select_a_subset_by_name_pattern_and_a_pattern_matching_none_is_an_
         large_batch.select(runs, ["b64_*"])
 
 
+def test_agvm_rows_summarise_each_agvm_runs_logged_phi_and_factors_per_module(tmp_path):
+    def record(phi, factor):
+        return {"iteration": 1, "agvm": {"backbone": {"factor": 1.0, "phi": phi}, "rpn": {"factor": factor, "phi": phi}}}
+
+    log = tmp_path / "runs/b32_sgd_agvm_s0" / "train_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("\n".join(json.dumps(r) for r in (record(None, 1.0), record(0.2, 1.5), record(0.4, 1.2))))
+    results = [{"run": "b32_sgd_s0", "optimizer": "sgd"}, {"run": "b32_sgd_agvm_s0", "optimizer": "sgd_agvm"}]
+    rows = large_batch.agvm_rows(results, tmp_path)  # runs without AGVM have no rows
+    assert [(r["run"], r["module"], r["phi_logged"]) for r in rows] == [("b32_sgd_agvm_s0", "backbone", 2),
+                                                                         ("b32_sgd_agvm_s0", "rpn", 2)]
+    rpn = rows[1]
+    assert rpn["phi_mean"] == pytest.approx(0.3) and rpn["phi_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert (rpn["factor_final"], rpn["factor_min"], rpn["factor_max"]) == (1.2, 1.0, 1.5)
+
+
 def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     args = large_batch.parse_args(["--out", str(tmp_path)])
     run = large_batch.plan(16, 16, ["sgd"], 1, LR, {16: 10, 256: 1}, 1, 4, 1 / 8)[0]
@@ -140,6 +156,8 @@ def test_smoke_sweep_collects_ap_and_skips_finished_runs_when_started_again(tmp_
     config = json.loads((tmp_path / "runs/b32_sgd_agvm_s0/config.json").read_text())
     assert config["train"]["gradient_accumulation_steps"] == 16 and config["optimizer"]["lr_scaling"] == "linear"
     assert [r["seeds"] for r in _rows(tmp_path / "summary.csv")] == ["1", "1"]
+    assert {(r["run"], r["module"]) for r in _rows(tmp_path / "agvm.csv")} == {
+        (run, module) for run in ("b2_sgd_agvm_s0", "b32_sgd_agvm_s0") for module in ("backbone", "fpn", "rpn", "roi_box_head")}
     assert (tmp_path / "ap_by_epoch.png").is_file() and (tmp_path / "ap_by_batch.png").is_file()
 
     # variance_by_batch --run measures a run's newest complete checkpoint: its merged fp32 weights
