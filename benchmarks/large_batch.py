@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from agvm_ds.engine.cli import EXIT_DIVERGED
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.data import build_datasets, train_loader
 from agvm_ds.engine.run_log import EVAL_FILE, TRAIN_FILE, read_records
@@ -55,9 +56,9 @@ OFFICIAL_AGVM_DELAY = 100 / 920  # official bs256 recipe: AGVM 100 iterations af
 SMOKE_OVERRIDES = ["data.synthetic_train=40", "data.synthetic_val=8", "data.synthetic_size=64", "data.scales=[64]",
                    "data.max_size=64", "data.test_size=64", "data.num_workers=0", "train.max_iters=1",
                    "train.epochs=1", "train.log_interval=1"]
-RUN_COLUMNS = ["run", "batch", "optimizer", "seed", "steps", "peak_lr", "warmup_iters", "agvm_start", "AP", "AP50",
-               "AP_by_epoch"]
-SUMMARY_COLUMNS = ["batch", "optimizer", "seeds", "AP", "AP_std", "AP50"]
+RUN_COLUMNS = ["run", "batch", "optimizer", "seed", "steps", "peak_lr", "warmup_iters", "agvm_start", "status", "AP",
+               "AP50", "AP_by_epoch"]
+SUMMARY_COLUMNS = ["batch", "optimizer", "seeds", "diverged", "AP", "AP_std", "AP50"]
 AGVM_COLUMNS = ["run", "module", "phi_logged", "phi_mean", "phi_std", "factor_final", "factor_min", "factor_max"]
 
 
@@ -145,15 +146,17 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "agvm_ds.engine.cli", *train]
 
 
-def result_of(run: Run, run_dir: Path) -> dict[str, Any]:
-    """The run's final bbox AP and its AP after each evaluation, from its eval log."""
+def result_of(run: Run, run_dir: Path, diverged: bool = False) -> dict[str, Any]:
+    """The run's final bbox AP and its AP after each evaluation, from its eval log. A diverged run
+    (stopped by ``train.max_consecutive_skips``) has no final AP: NaN, with the evaluations it made."""
     evals = [r for r in read_records(run_dir / EVAL_FILE) if "bbox" in r]
-    if not evals:
+    if not evals and not diverged:
         raise RuntimeError(f"{run_dir}: training finished without an evaluation in {EVAL_FILE}")
+    final = {"AP": math.nan, "AP50": math.nan} if diverged else evals[-1]["bbox"]
     return {
         "run": run.name, "batch": run.batch, "optimizer": run.optimizer, "seed": run.seed, "steps": run.steps,
         "peak_lr": run.peak_lr, "warmup_iters": run.warmup_iters, "agvm_start": run.agvm_start,
-        "AP": evals[-1]["bbox"]["AP"], "AP50": evals[-1]["bbox"]["AP50"],
+        "status": "diverged" if diverged else "finished", "AP": final["AP"], "AP50": final["AP50"],
         "epochs": [r["epoch"] for r in evals], "iterations": [r["iteration"] for r in evals],
         "AP_by_epoch": [r["bbox"]["AP"] for r in evals],
     }
@@ -173,24 +176,28 @@ def sweep(runs: Sequence[Run], args: argparse.Namespace) -> list[dict[str, Any]]
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "sweep_stdout.log", "a", encoding="utf-8") as log:
                 code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-            if code != 0:
+            if code not in (0, EXIT_DIVERGED):
                 raise RuntimeError(f"{run.name} failed (exit {code}); its output is in {run_dir / 'sweep_stdout.log'}. "
                                    "Start the sweep again to continue it from its last checkpoint")
-            (run_dir / RESULT).write_text(json.dumps(result_of(run, run_dir), indent=1))
+            if code == EXIT_DIVERGED:
+                print(f"[{index}/{len(runs)}] {run.name}: diverged (see {run_dir / 'sweep_stdout.log'})", flush=True)
+            (run_dir / RESULT).write_text(json.dumps(result_of(run, run_dir, code == EXIT_DIVERGED), indent=1))
         results.append(json.loads((run_dir / RESULT).read_text()))
     return results
 
 
 def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean final AP over seeds per (batch, optimizer), with the sample standard deviation."""
+    """Mean final AP over the seeds that finished, per (batch, optimizer), with the sample standard
+    deviation, and how many seeds diverged."""
     rows = []
     for key in dict.fromkeys((r["batch"], r["optimizer"]) for r in results):
-        aps = [r["AP"] for r in results if (r["batch"], r["optimizer"]) == key]
-        ap50 = [r["AP50"] for r in results if (r["batch"], r["optimizer"]) == key]
-        mean = sum(aps) / len(aps)
+        seeds = [r for r in results if (r["batch"], r["optimizer"]) == key]
+        finished = [r for r in seeds if r["status"] == "finished"]
+        aps, ap50 = [r["AP"] for r in finished], [r["AP50"] for r in finished]
+        mean = sum(aps) / len(aps) if aps else math.nan
         std = math.sqrt(sum((a - mean) ** 2 for a in aps) / (len(aps) - 1)) if len(aps) > 1 else math.nan
-        rows.append({"batch": key[0], "optimizer": key[1], "seeds": len(aps), "AP": mean, "AP_std": std,
-                     "AP50": sum(ap50) / len(ap50)})
+        rows.append({"batch": key[0], "optimizer": key[1], "seeds": len(seeds), "diverged": len(seeds) - len(finished),
+                     "AP": mean, "AP_std": std, "AP50": sum(ap50) / len(ap50) if ap50 else math.nan})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -133,6 +134,18 @@ def test_agvm_rows_summarise_each_agvm_runs_logged_phi_and_factors_per_module(tm
     rpn = rows[1]
     assert rpn["phi_mean"] == pytest.approx(0.3) and rpn["phi_std"] == pytest.approx(0.1414, abs=1e-4)
     assert (rpn["factor_final"], rpn["factor_min"], rpn["factor_max"]) == (1.2, 1.0, 1.5)
+
+
+def test_a_diverged_run_is_a_result_without_final_ap_and_the_summary_counts_it(tmp_path):
+    run = large_batch.plan(2, 16, ["sgd"], 2, LR, {2: 10, 32: 1}, 1, 1, 1 / 8)[1]
+    (tmp_path / "eval_log.jsonl").write_text(json.dumps({"epoch": 1, "iteration": 5, "bbox": {"AP": 0.1, "AP50": 0.2}}))
+    diverged = large_batch.result_of(run, tmp_path, diverged=True)
+    assert diverged["status"] == "diverged" and math.isnan(diverged["AP"]) and diverged["AP_by_epoch"] == [0.1]
+    finished = large_batch.result_of(run, tmp_path)
+    assert finished["status"] == "finished" and finished["AP"] == 0.1
+    (row,) = large_batch.summarise([diverged, finished])
+    assert (row["seeds"], row["diverged"], row["AP"]) == (2, 1, 0.1)  # the mean over the seeds that finished
+    assert large_batch.summarise([diverged])[0]["diverged"] == 1 and math.isnan(large_batch.summarise([diverged])[0]["AP"])
 
 
 def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):

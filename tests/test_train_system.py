@@ -135,6 +135,31 @@ def test_diverged_run_stops_with_a_clear_error_keeping_its_checkpoints(tmp_path)
     assert (run / "checkpoints" / "iter_00000003" / "manifest.json").is_file()
 
 
+def test_a_diverged_run_exits_with_its_own_status_so_sweeps_can_tell_it_from_a_failure(monkeypatch, capsys):
+    from agvm_ds.engine import cli, trainer
+
+    class DivergingTrainer:
+        world = 1
+
+        def __init__(self, config, resume=None):
+            pass
+
+        def fit(self):
+            raise trainer.TrainingDiverged("training diverged: 20 consecutive micro-batches had a non-finite loss")
+
+    monkeypatch.setattr(trainer, "Trainer", DivergingTrainer)
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)  # a world of one, restored afterwards
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["--config", "configs/synthetic_tiny.yaml"]) == cli.EXIT_DIVERGED == 3
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert capsys.readouterr().err.strip() == ("agvm-train: training diverged: 20 consecutive micro-batches had a "
+                                               "non-finite loss")
+
+
 def test_every_rank_holds_the_same_batchnorm_statistics_after_training(tmp_path):
     stats = run_ranks(train_scenarios.running_stats_after_training, 2, str(tmp_path),
                       tiny_overrides(tmp_path / "run", tmp_path / "data"))

@@ -24,7 +24,11 @@ from typing import Optional, Sequence
 from .config import ExperimentConfig, load_config
 from .world import World, hostfile_world, launcher_world, local_world, slurm_environment, slurm_world
 
-__all__ = ["main", "dry_run_report", "single_process_world"]
+__all__ = ["EXIT_DIVERGED", "main", "dry_run_report", "single_process_world"]
+
+#: Exit status of a run stopped by ``train.max_consecutive_skips``: a result of its recipe (a sweep
+#: records it as diverged), not a failure of the program (1) or of its input (2).
+EXIT_DIVERGED = 3
 
 NUM_CLASSES_NOTE = ("num_classes: taken from the data set at start-up (its categories + 1 background); "
                     "the model file's value ({}) is only a default")
@@ -115,11 +119,16 @@ def single_process_world() -> None:
 
 
 def _user_error(error: Exception, every_rank: bool) -> int:
-    """One line, no traceback, exit code 2. Config errors are the same on every rank, so rank 0 says
-    it once; a failure while building the run may be one rank's own, so each failing rank says it."""
+    """One line, no traceback, exit code 2."""
+    _say(error, every_rank)
+    return 2
+
+
+def _say(error: Exception, every_rank: bool) -> None:
+    """Config errors are the same on every rank, so rank 0 says them once; a failure while building
+    the run may be one rank's own, so each failing rank says it."""
     if every_rank or int(os.environ.get("RANK", "0")) == 0:
         print(f"agvm-train: {error}", file=sys.stderr, flush=True)
-    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -158,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         metrics = _fit_or_name_lost_ranks(trainer)
     except TrainingDiverged as error:  # the same on every rank: rank 0 says it
-        return _user_error(error, every_rank=False)
+        _say(error, every_rank=False)
+        return EXIT_DIVERGED
     if metrics is None:
         return 1
     if trainer.is_main:
