@@ -112,6 +112,12 @@ def test_plan_scales_lr_and_warmup_with_the_batch_and_starts_agvm_after_warmup()
         assert config.agvm.precondition == (config.optimizer.name == "adamw")
 
 
+def test_the_cpu_recipe_gives_at_least_300_steps_at_16b_with_two_micro_batch_gradients_at_b(tmp_path):
+    config = load_config(REPO / "configs/large_batch_cpu.yaml", [f"data.root={tmp_path}"])
+    assert large_batch.steps_per_run(config, [2, 32], ranks=1) == {2: 5040, 32: 304}
+    assert config.data.batch_size_per_rank == 1  # B = 2: accumulation 2, two gradients for AGVM's estimate
+
+
 def test_runs_select_a_subset_by_name_pattern_and_a_pattern_matching_none_is_an_error():
     runs = large_batch.plan(2, 16, list(large_batch.OPTIMIZERS), 2, LR, {2: 10, 32: 1}, 1, 1, 1 / 8)
     chosen = large_batch.select(runs, ["b32_*", "b2_sgd_s0"])
