@@ -15,8 +15,9 @@ AdamW+AGVM, LAMB}, all for the same number of epochs, as the paper compares them
 A run is finished when its ``sweep_result.json`` exists; an interrupted sweep started again skips
 those and continues a partial run with ``--resume auto``. Results: ``runs.md``/``runs.csv`` (each
 run), ``summary.md``/``summary.csv`` (mean and spread over seeds), ``agvm.md``/``agvm.csv`` (each
-AGVM run's phi and lr factor per module), ``ap_by_epoch.png`` and ``ap_by_batch.png``. Before starting it prints the optimizer steps of every run, and refuses a data
-set that gives fewer than ``--min-steps`` at 16B.
+AGVM run's phi and lr factor per module), ``ap_by_epoch.png`` and ``ap_by_batch.png``. Before
+starting it prints the optimizer steps of every run, and refuses a data set that gives fewer than
+``--min-steps`` at 16B.
 
     python benchmarks/large_batch.py --smoke                                   # minutes on CPU
     python benchmarks/large_batch.py --ranks 8 --launcher deepspeed --out runs/large_batch   # GPUs
@@ -28,6 +29,7 @@ import fnmatch
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ def select(runs: Sequence[Run], patterns: Sequence[str]) -> list[Run]:
     """The runs whose names match one of ``patterns``; a pattern that matches none is an error."""
     names = [run.name for run in runs]
     for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ValueError(f"--runs {pattern!r} matches no run of this sweep; its runs: {', '.join(names)}")
     return [run for run in runs if any(fnmatch.fnmatchcase(run.name, p) for p in patterns)]
 
@@ -193,11 +195,9 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for key in dict.fromkeys((r["batch"], r["optimizer"]) for r in results):
         seeds = [r for r in results if (r["batch"], r["optimizer"]) == key]
         finished = [r for r in seeds if r["status"] == "finished"]
-        aps, ap50 = [r["AP"] for r in finished], [r["AP50"] for r in finished]
-        mean = sum(aps) / len(aps) if aps else math.nan
-        std = math.sqrt(sum((a - mean) ** 2 for a in aps) / (len(aps) - 1)) if len(aps) > 1 else math.nan
+        ap, ap_std = _mean_std([r["AP"] for r in finished])
         rows.append({"batch": key[0], "optimizer": key[1], "seeds": len(seeds), "diverged": len(seeds) - len(finished),
-                     "AP": mean, "AP_std": std, "AP50": sum(ap50) / len(ap50) if ap50 else math.nan})
+                     "AP": ap, "AP_std": ap_std, "AP50": _mean_std([r["AP50"] for r in finished])[0]})
     return rows
 
 
@@ -213,12 +213,17 @@ def agvm_rows(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str, An
         for module in records[-1] if records else ():
             phis = [r[module]["phi"] for r in records if math.isfinite(r[module]["phi"])]  # NaN: not measured yet
             factors = [r[module]["factor"] for r in records]
-            mean = sum(phis) / len(phis) if phis else math.nan
-            std = math.sqrt(sum((p - mean) ** 2 for p in phis) / (len(phis) - 1)) if len(phis) > 1 else math.nan
+            mean, std = _mean_std(phis)
             rows.append({"run": result["run"], "module": module, "phi_logged": len(phis), "phi_mean": mean,
                          "phi_std": std, "factor_final": factors[-1], "factor_min": min(factors),
                          "factor_max": max(factors)})
     return rows
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; NaN where there are too few values for either."""
+    mean = statistics.fmean(values) if values else math.nan
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def plot(results: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:

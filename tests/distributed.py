@@ -1,7 +1,8 @@
 """Runs a function on N real CPU ranks (gloo), DeepSpeed's way, and returns each rank's result.
 
 No mocks: each rank is a fresh spawned process with RANK/WORLD_SIZE/MASTER_ADDR set as the
-``deepspeed`` launcher sets them, and ``agvm_ds.agvm.init_distributed`` (DeepSpeed's, without its /dev/shm leak) builds the process group.
+``deepspeed`` launcher sets them, and ``agvm_ds.agvm.init_distributed`` (DeepSpeed's, without its
+/dev/shm leak) builds the process group.
 """
 from __future__ import annotations
 
