@@ -39,6 +39,22 @@ __all__ = ["AGVM"]
 
 logger = logging.getLogger(__name__)
 
+#: Elements preconditioned at a time. ZeRO hands the step whole flat partitions (half a billion
+#: elements per rank for a 1B model on 2 ranks): g / (sqrt(v) + eps) in one piece would allocate
+#: three temporaries of that size, gigabytes more than the model states themselves.
+PRECONDITION_CHUNK = 1 << 24
+
+#: What the statistics' work is called in a ``torch.profiler`` trace (benchmarks/billion.py splits a step by it).
+PROFILE_REGION = "agvm_statistics"
+
+
+def preconditioned_sq_norm(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """||g / (sqrt(v) + eps)||^2 in fp32, with no temporary larger than ``PRECONDITION_CHUNK`` elements."""
+    grad, exp_avg_sq = grad.reshape(-1), exp_avg_sq.reshape(-1)
+    pieces = zip(grad.split(PRECONDITION_CHUNK), exp_avg_sq.split(PRECONDITION_CHUNK))
+    norms = [torch.linalg.vector_norm(g.float() / (v.sqrt() + eps), dtype=torch.float32) for g, v in pieces]
+    return torch.stack(norms).square().sum() if norms else grad.new_zeros((), dtype=torch.float32)
+
 
 class AGVM(torch.optim.Optimizer):
     """Adaptive Gradient Variance Modulator around a base optimizer (SGD, AdamW, ...).
@@ -176,15 +192,17 @@ class AGVM(torch.optim.Optimizer):
                 self._local_sq = torch.zeros(len(self.module_names), dtype=torch.float64, device=grad.device)
                 self._window_loss_scale = self._view.loss_scale()
                 self._hook_multiplier = self._view.hook_grad_multiplier(self._window_loss_scale) ** 2
-            if self.config.precondition:
-                grad = self._preconditioned_local_grad(param, grad, eps)
-            sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square() * self._hook_multiplier
-            self._local_sq[module_index] += sq
+            with torch.profiler.record_function(PROFILE_REGION):
+                if self.config.precondition:
+                    sq = self._preconditioned_local_sq_norm(param, grad, eps)
+                else:
+                    sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+                self._local_sq[module_index] += sq * self._hook_multiplier
 
         return accumulate_local_sq_norm
 
-    def _preconditioned_local_grad(self, param: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
-        """g / (sqrt(v) + eps) on the coordinates whose v this rank holds (all of them in ZeRO-0).
+    def _preconditioned_local_sq_norm(self, param: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
+        """||g / (sqrt(v) + eps)||^2 over the coordinates whose v this rank holds (all of them in ZeRO-0).
 
         With partitioned optimizer state each rank preconditions only the coordinates it owns, so
         the sum over ranks holds every coordinate once per micro-step: an unbiased, communication-
@@ -195,8 +213,9 @@ class AGVM(torch.optim.Optimizer):
         if held is None:
             raise RuntimeError(f"AGVM: precondition=True but no exp_avg_sq for a parameter of shape {tuple(grad.shape)}")
         start, numel, v = held
-        fragment = grad.reshape(-1).narrow(0, start, numel).float()
-        return fragment if numel == 0 else fragment / (v.sqrt() + eps)
+        if numel == 0:
+            return grad.new_zeros((), dtype=torch.float32)
+        return preconditioned_sq_norm(grad.reshape(-1).narrow(0, start, numel), v, eps)
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -215,7 +234,8 @@ class AGVM(torch.optim.Optimizer):
             self._step_window = window
         groups = self.param_groups
         if self._collecting:
-            self._add_reduced_sq_norms(groups)
+            with torch.profiler.record_function(PROFILE_REGION):
+                self._add_reduced_sq_norms(groups)
 
         scheduled_lrs = [group["lr"] for group in groups]
         if self.config.is_active(self.iteration):
@@ -242,18 +262,20 @@ class AGVM(torch.optim.Optimizer):
         multiplier = view.inner_grad_multiplier(self._window_loss_scale) ** 2
         for group in groups:
             params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             if self.config.precondition:  # the step's v is still the previous one, as in the hooks
-                grads = [p.grad.float() / (self.state[p]["exp_avg_sq"].sqrt() + group["eps"]) for p in params]
+                sq = torch.stack([preconditioned_sq_norm(p.grad, self.state[p]["exp_avg_sq"], group["eps"])
+                                  for p in params]).sum()
             else:
-                grads = [p.grad for p in params]
-            if grads:
-                sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
-                self._reduced_sq[self._module_index[group[MODULE_KEY]]] += sq * multiplier
+                sq = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]).square().sum()
+            self._reduced_sq[self._module_index[group[MODULE_KEY]]] += sq * multiplier
 
     def _end_step(self) -> None:
         view = self._view
         if self._collecting:
-            self._measure(view)
+            with torch.profiler.record_function(PROFILE_REGION):
+                self._measure(view)
         self.iteration += 1
         self._calls_in_step = 0
         self._reset_accumulators()

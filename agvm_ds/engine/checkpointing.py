@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,10 @@ def save(engine, run_dir: Path, iteration: int, client_state: dict[str, Any], ke
     layout = {"world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
     if is_main:  # a tag saved again (after a fallback) is incomplete until its new manifest is written
         (directory / tag / MANIFEST).unlink(missing_ok=True)
+    started = time.perf_counter()
     save_checkpoint(engine, str(directory), tag=tag, client_state=client_state, save_latest=False)
     if is_main:  # DeepSpeed's save ends with a barrier: every rank's files are on disk
-        _write_manifest(directory / tag, layout)
+        _write_manifest(directory / tag, {**layout, "save_seconds": round(time.perf_counter() - started, 3)})
         _write_atomically(directory / LATEST, tag)
         _prune(directory, keep)
     dist.barrier()

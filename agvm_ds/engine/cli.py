@@ -30,6 +30,9 @@ __all__ = ["EXIT_DIVERGED", "main", "dry_run_report", "single_process_world"]
 #: records it as diverged), not a failure of the program (1) or of its input (2).
 EXIT_DIVERGED = 3
 
+#: Where each rank's memory record lives, under the run directory (``rank_memory``).
+RANK_RECORDS = "ranks"
+
 NUM_CLASSES_NOTE = ("num_classes: taken from the data set at start-up (its categories + 1 background); "
                     "the model file's value ({}) is only a default")
 
@@ -190,29 +193,37 @@ def _raise_terminated(signum: int, frame) -> None:
 def _fit_or_name_lost_ranks(trainer) -> Optional[dict]:
     """``trainer.fit()``; if it fails because ranks died, one line naming them and None.
 
+    Each rank records its memory in the run directory while it trains, so a peer that vanished
+    without an error of its own (the out-of-memory killer's SIGKILL) is named with its last memory.
     A failure with every peer alive is re-raised (a bug keeps its traceback).
     """
     from tqdm import tqdm
 
     from .peers import PeerWatch
+    from .rank_memory import RankMemory, describe_death, read_record
 
     peers = PeerWatch(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])) if trainer.world > 1 else None
+    records = trainer.run_dir / RANK_RECORDS
+    memory = RankMemory(records, trainer.rank, lambda: trainer.engine.global_steps)
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return trainer.fit()
+        metrics = trainer.fit()
     except Exception as error:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        memory.close(f"{type(error).__name__}: {cause}")
         lost = peers.lost_ranks() if peers is not None else []
         if not lost and isinstance(error, _Terminated):
             raise SystemExit(128 + signal.SIGTERM) from None
         if not lost:
             raise
-        cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        deaths = "; ".join(filter(None, (describe_death(read_record(records, r), r) for r in lost)))
         tqdm.write(f"agvm-train: rank {trainer.rank}: rank(s) {', '.join(map(str, lost))} of {trainer.world} died "
-                   f"(their process is gone), so the job stops ({cause}); restart it with --resume auto",
-                   file=sys.stderr)
+                   f"(their process is gone), so the job stops ({cause}); restart it with --resume auto"
+                   + (f". {deaths}" if deaths else ""), file=sys.stderr)
         return None
-
+    memory.close("finished")
+    return metrics
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -29,6 +29,7 @@ from .deepspeed_config import deepspeed_config
 from .optim import build_optimizer, describe
 from .sizing import evaluation_sized
 from .plots import plot_run
+from .rank_memory import return_freed_tensors_at_once
 from .run_log import RunLog
 from .schedule import lr_multiplier, peak_lr
 
@@ -65,6 +66,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         if not torch.cuda.is_available():
             torch.set_num_threads(_cpu_threads_per_rank(self.world))
+            return_freed_tensors_at_once()
 
         spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
         with_masks = spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
@@ -81,7 +83,7 @@ class Trainer:
             ds_config = checkpointing.with_universal_load(ds_config)
         self.gas = ds_config["gradient_accumulation_steps"]
         self.global_batch = config.data.batch_size_per_rank * self.world * self.gas
-        self.steps_per_epoch = len(self._train_loader(0, 0)) // self.gas
+        self.steps_per_epoch = len(self.train_loader(0, 0)) // self.gas
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"an epoch has fewer micro-batches per rank than gradient_accumulation_steps={self.gas}; "
@@ -97,6 +99,11 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.optimizer: AGVM = optimizer
+        if self.engine.torch_autocast_enabled():
+            # autocast caches the low-precision copy of every weight until the forward ends: under
+            # ZeRO-3 that is a copy of the whole gathered model per rank (2 GB for the 1B SwinV2),
+            # and with activation checkpointing it keeps what checkpointing discards
+            torch.set_autocast_cache_enabled(False)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
             torch.float16 if self.engine.fp16_enabled() else torch.float32)
         _cast_float_buffers(self.engine.module, self.dtype)
@@ -110,7 +117,9 @@ class Trainer:
         if checkpoint is not None:
             for message in checkpoint.notes:
                 self._info(message)
+            load_started = time.perf_counter()
             state = checkpointing.load(self.engine, checkpoint)
+            load_seconds = time.perf_counter() - load_started
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
             self.skipped_nonfinite = state["skipped_nonfinite"]
             if checkpoint.world_size != self.world:
@@ -118,12 +127,12 @@ class Trainer:
             self.saved_iteration = self.engine.global_steps
             self.log.truncate_after(self.engine.global_steps)
             self._info(f"resumed from {checkpoint.path} at iteration {self.engine.global_steps} "
-                       f"(epoch {self.epoch}, micro-batch {self.batch_in_epoch})")
+                       f"(epoch {self.epoch}, micro-batch {self.batch_in_epoch}) in {load_seconds:.1f} s")
         self._info(self._banner(spec, lr))
 
     # --- set-up ---------------------------------------------------------------------------------
 
-    def _train_loader(self, epoch: int, start_batch: int):
+    def train_loader(self, epoch: int, start_batch: int):
         data = self.config.data
         return train_loader(self.datasets, data, self.rank, self.world, self.config.seed, epoch, start_batch)
 
@@ -179,14 +188,14 @@ class Trainer:
             self.evaluate()
         window_start, window_images = time.perf_counter(), 0
         while self.engine.global_steps < self.total_iters:
-            loader = self._train_loader(self.epoch, self.batch_in_epoch)
+            loader = self.train_loader(self.epoch, self.batch_in_epoch)
             usable = self.steps_per_epoch * self.gas  # whole accumulation windows only
             for images, targets in loader:
                 if self.batch_in_epoch >= usable or self.engine.global_steps >= self.total_iters:
                     break
                 self.batch_in_epoch += 1
                 step_before = self.engine.global_steps
-                losses = self._micro_step(images, targets)
+                losses = self.micro_step(images, targets)
                 window_images += len(images) * self.world
                 if losses is None or self.engine.global_steps == step_before:
                     continue  # skipped, or inside an accumulation window
@@ -213,7 +222,7 @@ class Trainer:
             plot_run(self.run_dir)
         return self.last_metrics
 
-    def _micro_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:
+    def micro_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:
         """Forward, backward and (at a boundary) step one micro-batch; None if its loss was skipped.
 
         A non-finite loss on any rank skips the micro-batch on every rank (one 1-float all-reduce),
