@@ -23,13 +23,14 @@ NAME = re.compile(r"^zero(?P<stage>[0-3])_(?P<precision>fp32|bf16|fp16)(?:_[a-z0
 
 EXPECTED_NAMES = {
     "zero0_fp32", "zero0_bf16", "zero1_bf16", "zero2_bf16", "zero3_bf16",
-    "zero1_fp16", "zero2_fp16", "zero3_fp16", "zero2_fp32", "zero2_bf16_swin1b",
+    "zero1_fp16", "zero2_fp16", "zero3_fp16", "zero2_fp32", "zero2_bf16_swin1b", "zero3_bf16_swin1b",
+    "zero3_bf16_offload", "zero3_bf16_infinity",
 }
 # DeepSpeedConfig ignores unknown top-level keys, so a misspelt key would be a silent no-op.
 KNOWN_TOP_LEVEL_KEYS = {
     "zero_optimization", "bf16", "fp16", "torch_autocast", "data_types", "communication_data_type",
     "gradient_clipping", "zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown",
-    "csv_monitor", "tensorboard",
+    "csv_monitor", "tensorboard", "zero_force_ds_cpu_optimizer", "aio",
 }
 PRECISION_SECTIONS = ("bf16", "fp16", "torch_autocast")
 LEFT_TO_THE_TRAINER = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -61,6 +62,12 @@ def precision_of(config: dict[str, Any]) -> str:
         assert dtype == "bfloat16", f"torch_autocast dtype {dtype!r}: only bfloat16 is supported with AGVM"
         return "bf16"
     return "fp16" if enabled == ["fp16"] else "fp32"
+
+
+def _parsed_field(section: Any, key: str) -> Any:
+    """A field of a parsed DeepSpeed config section by its JSON key (``stage3_*`` keys are aliases)."""
+    name = next((n for n, f in type(section).model_fields.items() if key in (n, f.alias)), key)
+    return getattr(section, name)
 
 
 def with_batch_keys(config: dict[str, Any], micro_batch: int = 2, gas: int = 4) -> dict[str, Any]:
@@ -154,7 +161,10 @@ def test_deepspeed_config_parser_accepts_it_once_batch_keys_are_added(path: Path
     assert parsed.zero_allow_untested_optimizer is True
     assert parsed.monitor_config.csv_monitor.enabled and parsed.monitor_config.tensorboard.enabled
     for key, value in config["zero_optimization"].items():
-        assert getattr(parsed.zero_config, key) == value
+        parsed_value = _parsed_field(parsed.zero_config, key)
+        for sub_key, sub_value in (value.items() if isinstance(value, dict) else [(None, value)]):
+            got = parsed_value if sub_key is None else _parsed_field(parsed_value, sub_key)
+            assert (str(getattr(got, "value", got)) if isinstance(sub_value, str) else got) == sub_value, (key, sub_key)
     # No file sets data_types.grad_accum_dtype: gradients accumulate in the weights' dtype, fp32 under autocast.
     assert parsed.grad_accum_dtype is None
 
@@ -200,6 +210,9 @@ def _train_every_config(rank: int, world_size: int, paths: list[str], out_dir: s
         config = with_batch_keys(load(Path(path)), micro_batch=scenarios.MICRO_BATCH, gas=2)
         for monitor in ("csv_monitor", "tensorboard"):
             config[monitor]["output_path"] = out_dir
+        for offload in ("offload_optimizer", "offload_param"):  # ZeRO-Infinity swaps into files here
+            if config["zero_optimization"].get(offload, {}).get("device") == "nvme":
+                config["zero_optimization"][offload]["nvme_path"] = str(Path(out_dir) / "nvme")
         if config["fp16"].get("enabled"):
             scenarios.allow_cpu_fp16()
         else:

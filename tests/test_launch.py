@@ -220,7 +220,8 @@ def test_sbatch_requests_whole_nodes_with_one_task_per_gpu_and_a_requeue_signal(
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_are_shellcheck_clean() -> None:
-    scripts = sorted(str(p.relative_to(REPO)) for p in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+    scripts = sorted(str(p.relative_to(REPO)) for p in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"),
+                                                        *(REPO / "benchmarks").glob("*.sh")])
 
     result = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60)
 

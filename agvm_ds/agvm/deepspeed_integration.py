@@ -128,6 +128,8 @@ class DeepSpeedView:
         if self.kind is EngineKind.FP16_UNFUSED:
             for lp_group, hp_group in zip(inner.fp16_groups, inner.fp32_groups):
                 self._masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+        # ZeRO-Infinity keeps the optimizer state on NVMe between steps: no exp_avg_sq to read in backward
+        self.optimizer_state_on_nvme = bool(getattr(inner, "swap_optimizer", False))
         self._client_grad_norm: Optional[float] = None
         if self.kind is EngineKind.CLIENT and self.clip > 0:
             self._record_client_clip_norm()
@@ -292,18 +294,29 @@ def _share_zero3_fp32_partitions(engine) -> int:
     4 bytes per parameter over the world (2 GB per rank for the 1B SwinV2 on 2 ranks). Here the
     fp32 partition takes the parameter partition's storage; DeepSpeed's own copy from one to the
     other after each step becomes a copy onto itself, and checkpoints hold the same values.
+
+    The padding that rounds each parameter up to a multiple of the world size is left uninitialised
+    by DeepSpeed; it is zeroed here, so that two runs write bitwise identical checkpoints.
     """
+    import deepspeed.comm as dist
+
     optimizer = engine.optimizer
-    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3" or optimizer.offload_optimizer:
+    if type(optimizer).__name__ != "DeepSpeedZeroOptimizer_Stage3":
+        return 0
+    rank = dist.get_rank(group=optimizer.dp_process_group)
+    for param in (p for group in optimizer.fp16_groups for p in group):
+        size = param.partition_numel()
+        held = max(0, min(size, param.ds_numel - rank * size))
+        if held < size:
+            param.ds_tensor.data.narrow(0, held, size - held).zero_()
+    if optimizer.offload_optimizer:
         return 0
     freed = 0
     for low, high in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
         if low is None or low.dtype != high.dtype or low.device != high.device or low.data_ptr() == high.data_ptr():
             continue
-        if not torch.equal(low, high):
-            raise RuntimeError("AGVM: ZeRO-3 fp32 partitions differ from the parameter partitions; DeepSpeed changed?")
+        high.data = low.data  # the copy was made from these values: same numbers, one storage
         freed += high.numel() * high.element_size()
-        high.data = low.data
     return freed
 
 

@@ -161,6 +161,12 @@ class AGVM(torch.optim.Optimizer):
                 "AGVM: one micro-batch gradient per step (1 data-parallel rank, no gradient accumulation): "
                 "gradient variance cannot be estimated, all factors stay 1"
             )
+        if self.config.precondition and view.optimizer_state_on_nvme:
+            raise ValueError(
+                "AGVM: precondition=True reads Adam's second moment during backward, which ZeRO-Infinity "
+                "keeps on NVMe (offload_optimizer.device=nvme); set agvm.precondition=false, or offload "
+                "the optimizer to cpu"
+            )
         if self.config.precondition and not all("betas" in g for g in self.param_groups):
             raise ValueError(
                 "AGVM: precondition=True needs an Adam-type base optimizer (exp_avg_sq state), "
