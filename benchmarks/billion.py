@@ -12,12 +12,14 @@ preconditioned AGVM, bf16 autocast, 256 px) and measures what it did:
 - ``killed``: the same job killed with ``kill -9`` (the whole process group) after its step-3
   checkpoint, then ``--resume auto``: its step-6 checkpoint must equal ``straight``'s bitwise (every
   tensor of every rank's files: weights, optimizer partitions, AGVM state) and its metrics exactly.
+  Its checkpoints are deleted once compared (12 GB each for the 1B), as is ``one_rank``'s.
 - ``one_rank``: ``straight``'s step-3 checkpoint resumed on 1 rank (DeepSpeed's universal checkpoint,
   converted on the way) for one step.
 - ``evaluate``, ``export``: ``agvm-eval`` of ``straight``; ``agvm-export`` in fp32 and bf16, then
   ``agvm-predict`` with the bf16 file (``agvm_ds.load_detector``) on one image.
-- ``profile``: one step under ``torch.profiler`` on 2 ranks, split into forward, backward (with the
-  recomputation of checkpointed blocks), optimizer step, AGVM statistics, and the ZeRO-3 collectives.
+- ``profile``: the third step (an AGVM statistics step) under ``torch.profiler`` on 2 ranks, split into
+  forward, backward (with the recomputation of checkpointed blocks), optimizer step, AGVM statistics, and
+  the time gloo spent in ZeRO-3's collectives (in its own thread, overlapping the others).
 
 ``--small`` swaps in a 66M SwinV2 of the same structure (depths 2-2-6-2, window 16): the CI test
 runs the whole path with it in minutes. Results: ``OUT/billion.json`` and a table on stdout.
@@ -198,6 +200,7 @@ def killed(bench: Bench) -> dict[str, Any]:
     tag = f"iter_{STEPS:08d}"
     comparison = compare_checkpoints(bench.out / "straight" / "checkpoints" / tag, run / "checkpoints" / tag)
     same_metrics = (run / "eval" / "metrics.json").read_text() == (bench.out / "straight" / "eval" / "metrics.json").read_text()
+    shutil.rmtree(run / "checkpoints")  # compared: 12 GB each for the 1B, and the disk is finite
     return {"resume_wall_s": round(seconds, 1), "load_s": _load_seconds(output), **comparison,
             "bitwise_equal": not comparison["differing"] and same_metrics, "same_metrics": same_metrics}
 
@@ -210,9 +213,13 @@ def one_rank(bench: Bench) -> dict[str, Any]:
     output, seconds = bench.run("one_rank", bench.local(1, bench.train_args(
         "one_rank", "--resume", str(source), f"train.max_iters={KILL_AFTER + 1}")), threads=2)
     records = train_records(run)
-    return {"wall_s": round(seconds, 1), "load_s": _load_seconds(output), **rank_memory(run),
-            "iterations": [r["iteration"] for r in records], "loss": records[-1]["loss"],
-            "universal_gb": round(_size(source.with_name(source.name + "_universal")) / 1e9, 2)}
+    universal = source.with_name(source.name + "_universal")
+    result = {"wall_s": round(seconds, 1), "load_s": _load_seconds(output), **rank_memory(run),
+              "iterations": [r["iteration"] for r in records], "loss": records[-1]["loss"],
+              "universal_gb": round(_size(universal) / 1e9, 2)}
+    shutil.rmtree(universal)
+    shutil.rmtree(run / "checkpoints")
+    return result
 
 
 def evaluate(bench: Bench) -> dict[str, Any]:
@@ -243,7 +250,7 @@ def profile(bench: Bench) -> dict[str, Any]:
     out = bench.out / "profile.json"
     command = ["deepspeed", "--num_gpus", "2", "--master_port", _env()["MASTER_PORT"], "--no_local_rank",
                str(Path(__file__)), "--profile-worker", str(out), "--out", str(bench.out), "--",
-               *bench.train_args("profile", "train.max_iters=2", "train.checkpoint_iters=0")]
+               *bench.train_args("profile", "train.max_iters=3")]
     bench.run("profile", command)
     return json.loads(out.read_text())
 
@@ -274,7 +281,8 @@ REGIONS = ("forward", "backward", "optimizer_step", "agvm_statistics")
 
 
 def profile_worker(result: Path, job: Sequence[str]) -> None:
-    """One warm-up micro-step, then one under ``torch.profiler``; rank 0 writes the split to ``result``."""
+    """Two warm-up steps, then the third, an AGVM statistics step, under ``torch.profiler``; rank 0
+    writes the split to ``result``."""
     import torch
     from torch.profiler import ProfilerActivity, record_function
 
@@ -289,7 +297,8 @@ def profile_worker(result: Path, job: Sequence[str]) -> None:
         setattr(engine, name, _within(region, getattr(engine, name)))
     engine.forward = _within("forward", engine.forward)
     batches = iter(trainer.train_loader(0, 0))
-    trainer.micro_step(*next(batches))
+    for _ in range(2):
+        trainer.micro_step(*next(batches))
     with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("step"):
             trainer.micro_step(*next(batches))

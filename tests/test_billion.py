@@ -66,7 +66,7 @@ def test_swinv2_detector_under_zero3_steps_resumes_exactly_and_exports(tmp_path)
     results = json.loads((out / "billion.json").read_text())
 
     straight = results["straight"]
-    assert "ZeRO stage 3" in straight["banner"] and "autocast" in straight["banner"]
+    assert "ZeRO stage 3, torch.float32" in straight["banner"]  # fp32 on CPU: see configs/synthetic_swinv2_1b.yaml
     assert len(straight["step_s"]) == 6 and len(straight["peak_rss_gb"]) == 2
     assert all(peak > 0.9 * start > 0 for peak, start in zip(straight["peak_rss_gb"], straight["start_rss_gb"]))
     measured = [factors for factors in straight["agvm_factors"].values() if any(f != 1.0 for f in factors.values())]
