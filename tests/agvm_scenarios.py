@@ -17,6 +17,7 @@ from agvm_ds import AGVM, AGVMConfig, module_param_groups
 from agvm_ds.agvm import (
     GradientMoments,
     GradientVarianceModulator,
+    assign_modules,
     initialize,
     load_checkpoint,
     moments_from_gradients,
@@ -24,6 +25,7 @@ from agvm_ds.agvm import (
 )
 
 MODULES = {"backbone": ["backbone"], "neck": ["neck"], "head": ["head"]}
+CALIBRATED_MODULES = {**MODULES, "calibration": ["calibration"]}
 MICRO_BATCH = 8
 
 
@@ -39,16 +41,38 @@ class OffsetHead(nn.Module):
         return self.linear(x) + self.offset
 
 
+class Calibration(nn.Module):
+    """A per-output scale and shift: a whole AGVM module of 8 elements in two 4-element tensors.
+
+    Fewer elements than the ranks of tests/test_agvm_many_ranks.py, so every ZeRO stage must leave
+    most ranks without a single element of the module, as a small head does on hundreds of GPUs.
+    """
+
+    def __init__(self, outputs: int = 4) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(outputs))
+        self.shift = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
 class ToyDetector(nn.Module):
-    def __init__(self, tiny_param: bool = False) -> None:
+    def __init__(self, tiny_param: bool = False, calibrated: bool = False) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32))
         self.neck = nn.Linear(32, 16)
         self.head = OffsetHead() if tiny_param else nn.Linear(16, 4)
+        self.calibration = Calibration() if calibrated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = torch.tanh(self.neck(torch.tanh(self.backbone(x))))
-        return self.head(features) + self.head(0.5 * features)  # a head shared by two "levels"
+        out = self.head(features) + self.head(0.5 * features)  # a head shared by two "levels"
+        return out if self.calibration is None else self.calibration(out)
+
+
+def modules_of(case: dict[str, Any]) -> dict[str, list[str]]:
+    return CALIBRATED_MODULES if case.get("calibrated") else MODULES
 
 
 def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +82,8 @@ def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-def ds_config(stage: int, dtype: str, gas: int, clip: float, scale_power: int = 8) -> dict[str, Any]:
+def ds_config(stage: int, dtype: str, gas: int, clip: float, scale_power: int = 8,
+              log_comms: bool = False) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": gas,
@@ -67,6 +92,7 @@ def ds_config(stage: int, dtype: str, gas: int, clip: float, scale_power: int = 
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16", "initial_scale_power": scale_power, "loss_scale_window": 3},
         "torch_autocast": {"enabled": dtype == "autocast_bf16", "dtype": "bfloat16"},
+        "comms_logger": {"enabled": log_comms, "prof_all": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -87,9 +113,9 @@ def build(case: dict[str, Any]):
     if case.get("dtype") == "fp16":
         allow_cpu_fp16()
     torch.manual_seed(0)
-    model = ToyDetector(tiny_param=case.get("tiny_param", False))
+    model = ToyDetector(tiny_param=case.get("tiny_param", False), calibrated=case.get("calibrated", False))
     reference = copy.deepcopy(model)
-    groups = module_param_groups(model, MODULES, weight_decay=1e-4)
+    groups = module_param_groups(model, modules_of(case), weight_decay=1e-4)
     if case.get("optimizer", "sgd") == "sgd":
         base = torch.optim.SGD(groups, lr=case.get("lr", 0.05), momentum=0.9)
     else:
@@ -97,11 +123,13 @@ def build(case: dict[str, Any]):
     agvm_config = AGVMConfig(interval=case.get("interval", 1 if case.get("precondition") else 2), ema=case.get("ema", 0.5),
                              start_iter=case.get("start", 0), precondition=case.get("precondition", False))
     optimizer = AGVM(base, agvm_config)
+    config = ds_config(case["stage"], case.get("dtype", "fp32"), case.get("gas", 1), case.get("clip", 0.0),
+                       case.get("scale_power", 8), case.get("log_comms", False))
+    config["zero_optimization"].update(case.get("zero", {}))  # e.g. ZeRO-3's partitioning thresholds
     engine, _, _, scheduler = initialize(
         model=model,
         optimizer=optimizer,
-        config=ds_config(case["stage"], case.get("dtype", "fp32"), case.get("gas", 1), case.get("clip", 0.0),
-                         case.get("scale_power", 8)),
+        config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.05 * s)),
     )
     return engine, optimizer, reference
@@ -131,14 +159,14 @@ def reference_moments(engine, optimizer: AGVM, reference: nn.Module, step: int, 
         v = full_second_moments(optimizer)
         preconditioner = {
             module: torch.cat([1.0 / (v[id(p)].sqrt() + 1e-8) for p in getattr(engine.module, module).parameters()])
-            for module in MODULES
+            for module in optimizer.module_names
         }
-    per_module: dict[str, list[torch.Tensor]] = {m: [] for m in MODULES}
+    per_module: dict[str, list[torch.Tensor]] = {m: [] for m in optimizer.module_names}
     for micro in range(gas):
         x, y = micro_batch(step, 0 if same_data else rank, micro)
         reference.zero_grad()
         nn.functional.mse_loss(reference(x), y).backward()
-        for module in MODULES:
+        for module in optimizer.module_names:
             flat = torch.cat([p.grad.reshape(-1) for p in getattr(reference, module).parameters()])
             per_module[module].append(flat if preconditioner is None else flat * preconditioner[module])
     result = {}
@@ -158,7 +186,7 @@ def train(rank: int, world: int, case: dict[str, Any], steps: int, check: bool,
         load_checkpoint(engine, save_dir)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "autocast_bf16": torch.float32}[case.get("dtype", "fp32")]
-    replay = GradientVarianceModulator(list(MODULES), optimizer.config)
+    replay = GradientVarianceModulator(optimizer.module_names, optimizer.config)
     records = []
     while engine.global_steps < steps:
         step, skipped = engine.global_steps, engine.skipped_steps
@@ -196,7 +224,44 @@ def train(rank: int, world: int, case: dict[str, Any], steps: int, check: bool,
         "num_micro_batches": optimizer._view.num_micro_batches,
         "skipped_steps": engine.skipped_steps,
         "iteration": optimizer.iteration,
+        "held_elements": held_elements(engine, modules_of(case)),
+        "comms": logged_comms() if case.get("log_comms") else None,
     }
+
+
+def held_elements(engine, modules: dict[str, list[str]]) -> dict[str, int]:
+    """Elements of each AGVM module in this rank's optimizer partition, padding excluded.
+
+    Read from DeepSpeed's own partitioning, so that a test can show that a rank held no element of
+    a module: ZeRO-1/2 link a parameter's fragment of the rank's flat partition (``_hp_mapping``,
+    None when the partition holds none of it); ZeRO-3 gives rank r the slice [r p, (r + 1) p) of
+    every parameter, p = ``ds_tensor.ds_numel`` (padded), of which only the part below ``ds_numel``
+    is real (``Init._partition_param``). Unpartitioned (ZeRO-0 fp32), a rank holds every element.
+    """
+    params = dict(engine.module.named_parameters())
+    rank = tdist.get_rank()
+
+    def held(param: torch.Tensor) -> int:
+        if hasattr(param, "ds_tensor"):
+            partition = param.ds_tensor.ds_numel
+            return max(0, min(partition, param.ds_numel - rank * partition))
+        if hasattr(param, "_hp_mapping"):
+            return 0 if param._hp_mapping is None else param._hp_mapping.lp_fragment_address.numel
+        return param.numel()
+
+    assigned = assign_modules(engine.module, modules)
+    return {module: sum(held(params[name]) for name in names) for module, names in assigned.items()}
+
+
+def logged_comms() -> dict[str, dict[int, int]]:
+    """What DeepSpeed's comms logger recorded in this process: {op log name: {message bytes: calls}}.
+
+    The logger is process-wide: run one logged case per process group to read one case's traffic.
+    """
+    from deepspeed.comm.comm import comms_logger
+
+    logged = comms_logger.comms_dict.items()
+    return {name: {size: calls for size, (calls, *_) in sizes.items()} for name, sizes in logged}
 
 
 def train_cases(rank: int, world: int, cases: list[dict[str, Any]], steps: int, check: bool) -> list[dict[str, Any]]:
