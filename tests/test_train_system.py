@@ -135,11 +135,13 @@ def test_diverged_run_stops_with_a_clear_error_keeping_its_checkpoints(tmp_path)
     assert (run / "checkpoints" / "iter_00000003" / "manifest.json").is_file()
 
 
-def test_a_diverged_run_exits_with_its_own_status_so_sweeps_can_tell_it_from_a_failure(monkeypatch, capsys):
+def test_a_diverged_run_exits_with_its_own_status_so_sweeps_can_tell_it_from_a_failure(monkeypatch, capsys, tmp_path):
+    from types import SimpleNamespace
+
     from agvm_ds.engine import cli, trainer
 
     class DivergingTrainer:
-        world = 1
+        world, rank, run_dir, engine = 1, 0, tmp_path, SimpleNamespace(global_steps=0)
 
         def __init__(self, config, resume=None):
             pass
