@@ -44,12 +44,12 @@ setup(
     cmdclass={"build_py": BuildWithShippedDefinitions},
     entry_points={
         "console_scripts": [
-            "agvm-train=agvm_ds.engine.cli:main",
-            "agvm-model-info=agvm_ds.detection.summary:main",
-            "agvm-plot=agvm_ds.engine.plots:main",
-            "agvm-eval=agvm_ds.engine.evaluate:main",
-            "agvm-predict=agvm_ds.engine.predict:main",
-            "agvm-export=agvm_ds.engine.export:main",
+            "agvm-train=agvm_ds.commands.train:main",
+            "agvm-model-info=agvm_ds.commands.model_info:main",
+            "agvm-plot=agvm_ds.commands.plot:main",
+            "agvm-eval=agvm_ds.commands.evaluate:main",
+            "agvm-predict=agvm_ds.commands.predict:main",
+            "agvm-export=agvm_ds.commands.export:main",
             "ltcr-train=ltcr.cli:main",
         ]
     },

@@ -8,8 +8,8 @@
 # On the GPU machine, from the project root, before anything else:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda
-# then run the project as modules: python3 -m agvm_ds.engine.cli --config ... (one GPU, one process),
-# or python3 -m deepspeed.launcher.runner --num_gpus N --module agvm_ds.engine.cli ...
+# then run the project as modules: python3 -m agvm_ds.commands.train --config ... (one GPU, one process),
+# or python3 -m deepspeed.launcher.runner --num_gpus N --module agvm_ds.commands.train ...
 # (that machine's torch may be older than setup.py's floor: that is why PYTHONPATH, not pip install).
 set -euo pipefail
 [ -f setup.py ] || { echo "run from the project root" >&2; exit 1; }

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from agvm_ds.engine.cli import EXIT_DIVERGED
+from agvm_ds.commands.train import EXIT_DIVERGED
 from agvm_ds.engine.config import ExperimentConfig, load_config
-from agvm_ds.engine.data import build_datasets, train_loader
+from agvm_ds.engine.loaders import build_datasets, train_loader
 from agvm_ds.engine.run_log import EVAL_FILE, TRAIN_FILE, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -144,8 +144,8 @@ def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
         train = ["--resume", "auto", *train]
     if args.launcher == "deepspeed":
         return ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
-                "--module", "agvm_ds.engine.cli", *train]
-    return [sys.executable, "-m", "agvm_ds.engine.cli", *train]
+                "--module", "agvm_ds.commands.train", *train]
+    return [sys.executable, "-m", "agvm_ds.commands.train", *train]
 
 
 def result_of(run: Run, run_dir: Path, diverged: bool = False) -> dict[str, Any]:

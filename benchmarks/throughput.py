@@ -52,7 +52,7 @@ from agvm_ds import AGVMConfig, initialize
 from agvm_ds.config_checks import apply_overrides
 from agvm_ds.detection import build_detector, load_spec
 from agvm_ds.detection.summary import forward_flops
-from agvm_ds.engine.cli import single_process_world
+from agvm_ds.engine.distributed import single_process_world
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.deepspeed_config import deepspeed_config
 from agvm_ds.engine.optim import build_optimizer

@@ -39,14 +39,14 @@ from torch import nn
 from agvm_ds.agvm import AGVMConfig
 from agvm_ds.agvm.estimator import GradientMoments, noise_scale, variance_proxy
 from agvm_ds.agvm.grouping import assign_modules
-from agvm_ds.detection import build_detector, load_spec
+from agvm_ds.detection import build_detector
 from agvm_ds.engine.buffers import RunningStatsSnapshot
 from agvm_ds.engine.config import ExperimentConfig, load_config
-from agvm_ds.engine.data import Datasets, build_datasets, train_loader
+from agvm_ds.engine.loaders import Datasets, build_datasets, train_loader
 from agvm_ds.engine.optim import build_optimizer
 from agvm_ds.engine.schedule import lr_multiplier, peak_lr
 from agvm_ds.engine.trained_run import TrainedRun, consolidated_state_dict
-from agvm_ds.engine.sizing import evaluation_sized
+from agvm_ds.engine.model_spec import experiment_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import write_table  # noqa: E402
@@ -154,11 +154,10 @@ class Point:
     model: nn.Module
 
 
-def scratch_model(config: ExperimentConfig, num_classes: int) -> nn.Module:
+def scratch_model(config: ExperimentConfig, num_categories: int) -> nn.Module:
     """The model the trainer builds for ``config`` (same seed, spec and resize rule)."""
     torch.manual_seed(config.seed)
-    spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
-    return build_detector(spec.with_overrides({"num_classes": num_classes}),
+    return build_detector(experiment_spec(config, num_categories),
                          resize_in_model=config.data.test_resize() is None)
 
 
@@ -327,9 +326,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     check_batches(batches, micro, args.train_batch)
     torch.manual_seed(config.seed)
     datasets = build_datasets(config.data, with_masks=False, seed=config.seed, is_main=True, barrier=lambda: None)
-    num_classes = datasets.num_classes + 1
     points: list[Point] = []
-    model = scratch_model(config, num_classes)
+    model = scratch_model(config, datasets.num_classes)
     modules = list(model.agvm_modules)
     print(f"variance_by_batch: model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters; modules {', '.join(modules)}), training images {config.data.scales} px (max "

@@ -17,8 +17,8 @@ num_gpus="${NUM_GPUS:-2}"
 if [[ "${1:-}" == --num-gpus || "${1:-}" == --num_gpus ]]; then num_gpus="$2" && shift 2; fi
 args=(--config configs/synthetic_tiny.yaml "$@")  # a later --config wins
 case " $* " in
-    *" --dry-run "*) exec "${PYTHON:-python}" -m agvm_ds.engine.cli --num-gpus "$num_gpus" "${args[@]}" ;;
+    *" --dry-run "*) exec "${PYTHON:-python}" -m agvm_ds.commands.train --num-gpus "$num_gpus" "${args[@]}" ;;
 esac
 # --no_local_rank: ranks read LOCAL_RANK from the environment.
 exec "${DEEPSPEED:-deepspeed}" --num_gpus "$num_gpus" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
-    --module agvm_ds.engine.cli "${args[@]}"
+    --module agvm_ds.commands.train "${args[@]}"

@@ -19,10 +19,10 @@ if [[ "${1:-}" == --hostfile ]]; then HOSTFILE="$2" && shift 2; fi
 : "${HOSTFILE:?give --hostfile PATH (first) or set HOSTFILE=PATH (see launch/hostfile.example)}"
 world=(--hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-0}" --num_gpus "${NUM_GPUS:-0}")
 case " $* " in
-    *" --dry-run "*) exec "${PYTHON:-python}" -m agvm_ds.engine.cli "${world[@]}" "$@" ;;
+    *" --dry-run "*) exec "${PYTHON:-python}" -m agvm_ds.commands.train "${world[@]}" "$@" ;;
 esac
 master=()
 if [[ -n "${MASTER_ADDR:-}" ]]; then master=(--master_addr "$MASTER_ADDR"); fi
 # --no_local_rank: ranks read LOCAL_RANK from the environment.
 exec "${DEEPSPEED:-deepspeed}" "${world[@]}" "${master[@]}" --master_port "${MASTER_PORT:-29500}" \
-    --launcher "${LAUNCHER:-pdsh}" --no_local_rank --module agvm_ds.engine.cli "$@"
+    --launcher "${LAUNCHER:-pdsh}" --no_local_rank --module agvm_ds.commands.train "$@"

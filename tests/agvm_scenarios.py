@@ -1,4 +1,4 @@
-"""Training scenarios run on real DeepSpeed CPU ranks by tests/test_agvm_deepspeed.py.
+"""Training scenarios run on real DeepSpeed CPU ranks by tests/agvm/test_agvm_deepspeed.py.
 
 Module-level functions so spawned ranks can import them. Each scenario trains a small model with
 three AGVM modules (one of them shared, like torchvision's RPN head across FPN levels) and returns
@@ -44,7 +44,7 @@ class OffsetHead(nn.Module):
 class Calibration(nn.Module):
     """A per-output scale and shift: a whole AGVM module of 8 elements in two 4-element tensors.
 
-    Fewer elements than the ranks of tests/test_agvm_many_ranks.py, so every ZeRO stage must leave
+    Fewer elements than the ranks of tests/agvm/test_agvm_many_ranks.py, so every ZeRO stage must leave
     most ranks without a single element of the module, as a small head does on hundreds of GPUs.
     """
 
@@ -334,3 +334,22 @@ def shared_memory_left(rank: int, world: int, case: dict[str, Any]) -> list[str]
     expect_error(rank, world, case)
     tdist.barrier()
     return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*"))
+
+
+# --- checks of the scenarios' results against their brute-force references ---
+
+FP32_TOL = 1e-5
+CLIP = 0.02  # well below the toy model's gradient norm, so clipping is active on every step
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((got - ref).abs() / ref.abs()).max())
+
+
+def assert_moments_match(result: dict, tol: float) -> None:
+    assert result["records"], "no statistics step was checked"
+    for record in result["records"]:
+        assert max_rel_err(record["A"], record["ref_A"]) < tol, record
+        assert max_rel_err(record["B"], record["ref_B"]) < tol, record
+        # the wrapper's factors are the core's factors applied to the brute-force moments
+        assert float((record["factors"] - record["replay_factors"]).abs().max()) < 10 * tol

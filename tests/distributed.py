@@ -1,7 +1,7 @@
 """Runs a function on N real CPU ranks (gloo), DeepSpeed's way, and returns each rank's result.
 
 No mocks: each rank is a fresh spawned (or forked) process with RANK/WORLD_SIZE/MASTER_ADDR set as the
-``deepspeed`` launcher sets them, and ``agvm_ds.agvm.init_distributed`` (DeepSpeed's, without its
+``deepspeed`` launcher sets them, and ``agvm_ds.engine.distributed.init_distributed`` (DeepSpeed's, without its
 /dev/shm leak) builds the process group.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
     try:
         import torch
 
-        from agvm_ds.agvm import init_distributed  # deepspeed.init_distributed, leaving no /dev/shm segment
+        from agvm_ds.engine.distributed import init_distributed  # deepspeed.init_distributed, leaving no /dev/shm segment
 
         torch.set_num_threads(1)
         init_distributed(dist_backend="gloo")

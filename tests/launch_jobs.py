@@ -1,8 +1,9 @@
-"""The tiny training job the real-launch tests start under each launcher, and how they compare runs."""
+"""The tiny training job the system and real-launch tests start (under each launcher), and how they compare runs."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import signal
 import subprocess
 import time
@@ -11,11 +12,31 @@ from typing import Optional
 
 import torch
 
-from test_train_system import tiny_overrides  # one tiny job for every system test
+from distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 DEAD_RANK_DEADLINE_S = 60
+
+
+def tiny_overrides(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
+    """A few optimizer steps on a small synthetic set: the whole pipeline in seconds."""
+    return [
+        f"output_dir={run_dir}", f"data.root={data_root}", "data.synthetic_train=24", "data.synthetic_val=8",
+        "data.synthetic_size=128", "data.scales=[112,128]", "data.max_size=128", "data.num_workers=0",
+        "data.batch_size_per_rank=2", "data.test_size=128",
+        "agvm.start_iter=0", "agvm.interval=1", "train.log_interval=1", "schedule.warmup_iters=2", *extra,
+    ]
+
+
+def agvm_train(args: list[str], ranks: int = 1, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())}
+    if ranks == 1:
+        command = [sys.executable, "-m", "agvm_ds.commands.train", *args]
+    else:
+        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+                   "--module", "agvm_ds.commands.train", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def tiny_job(run_dir: Path, data_root: Path) -> list[str]:
@@ -76,7 +97,7 @@ def rank_pid(run_dir: Path, rank: int) -> int:
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"agvm_ds.engine.cli" not in argv or f"output_dir={run_dir}".encode() not in argv:
+            if b"agvm_ds.commands.train" not in argv or f"output_dir={run_dir}".encode() not in argv:
                 continue
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:  # gone, or not ours to read

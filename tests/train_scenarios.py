@@ -1,4 +1,4 @@
-"""Trainer runs on spawned CPU ranks for tests/test_train_system.py (importable by the children)."""
+"""Trainer runs on spawned CPU ranks for tests/engine/test_train_system.py (importable by the children)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """AGVM: per-module learning-rate modulation from cross-rank gradient variance."""
 from .config import AGVMConfig
-from .deepspeed_integration import init_distributed, initialize, load_checkpoint, save_checkpoint
+from .deepspeed_integration import initialize, load_checkpoint, save_checkpoint
 from .estimator import GradientMoments, moments_from_gradients, noise_scale, variance_proxy
 from .grouping import MODULE_KEY, assign_modules, module_param_groups
 from .modulator import GradientVarianceModulator, target_factors
@@ -13,7 +13,6 @@ __all__ = [
     "GradientVarianceModulator",
     "MODULE_KEY",
     "assign_modules",
-    "init_distributed",
     "initialize",
     "load_checkpoint",
     "module_param_groups",

@@ -4,7 +4,7 @@ The AGVM optimizer is a plain ``torch.optim.Optimizer`` that DeepSpeed wraps. Wh
 ZeRO stages and precisions -- how many times the inner ``step()`` runs per optimizer step, whether
 its gradients are partitioned, by what the gradients were scaled and clipped -- is answered here
 and nowhere else. These are DeepSpeed internals; they were read in the source of the version pinned
-below and are checked against brute force by ``tests/test_agvm_deepspeed.py`` for every stage, so an
+below and are checked against brute force by ``tests/agvm/test_agvm_deepspeed.py`` for every stage, so an
 upgrade that changes them fails loudly there and here.
 
 How the wrapper sees gradients, per engine kind (``EngineKind``):
@@ -25,7 +25,6 @@ parameters see the local micro-batch gradient times hook_scale / gradient_accumu
 """
 from __future__ import annotations
 
-import datetime
 import enum
 import json
 import os
@@ -37,7 +36,7 @@ from torch import nn
 from .optimizer import AGVM
 
 __all__ = [
-    "EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "init_distributed", "initialize", "save_checkpoint",
+    "EngineKind", "DeepSpeedView", "SUPPORTED_DEEPSPEED", "initialize", "save_checkpoint",
     "load_checkpoint",
 ]
 
@@ -59,7 +58,7 @@ def _check_version() -> None:
     if not deepspeed.__version__.startswith(SUPPORTED_DEEPSPEED):
         raise RuntimeError(
             f"agvm_ds was checked against DeepSpeed {SUPPORTED_DEEPSPEED} internals, found "
-            f"{deepspeed.__version__}; run tests/test_agvm_deepspeed.py before widening SUPPORTED_DEEPSPEED"
+            f"{deepspeed.__version__}; run tests/agvm/test_agvm_deepspeed.py before widening SUPPORTED_DEEPSPEED"
         )
 
 
@@ -273,6 +272,8 @@ def initialize(
         with open(config, encoding="utf-8") as f:
             config = json.load(f)
     config = {"zero_allow_untested_optimizer": True, **config}
+    from ..engine.distributed import init_distributed  # imported here: the engine package imports this one
+
     # What deepspeed.initialize would do first (a no-op when a process group exists), so that the
     # shared-memory name is released before anything below can refuse the configuration.
     init_distributed(dist_backend=kwargs.get("dist_backend"))
@@ -318,40 +319,6 @@ def _share_zero3_fp32_partitions(engine) -> int:
         high.data = low.data  # the copy was made from these values: same numbers, one storage
         freed += high.numel() * high.element_size()
     return freed
-
-
-def init_distributed(dist_backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> None:
-    """``deepspeed.init_distributed`` (a no-op when a process group exists) without its /dev/shm leak.
-
-    Call it first thing in a process: a run that fails later during start-up (a bad data set, a
-    refused configuration) then leaves no shared-memory segment behind. ``timeout`` bounds every
-    collective, so a dead peer ends the job instead of hanging it for DeepSpeed's default 10 minutes.
-    """
-    import deepspeed
-
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    deepspeed.init_distributed(dist_backend=dist_backend, verbose=False, **kwargs)
-    _unlink_cpu_allreduce_segment()
-
-
-def _unlink_cpu_allreduce_segment() -> None:
-    """Removes the name of this rank's DeepSpeed CPU all-reduce segment from /dev/shm.
-
-    DeepSpeed's CPU comm op (0.19.8, ``ops/csrc/cpu/comm/shm.cpp``) creates a 66 MB shared-memory
-    segment per rank when the process group starts and never unlinks it, so every CPU run would
-    leave 66 MB per rank in /dev/shm until the machine runs out of memory. Every rank maps its
-    peers' segments inside ``init_distributed``; after a barrier the names are no longer needed and
-    the mappings stay valid, so a killed run leaks nothing either.
-    """
-    import deepspeed.comm as dist
-
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if addr is None or port is None or not os.path.isdir("/dev/shm"):
-        return
-    dist.barrier()
-    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
-    if os.path.exists(name):
-        os.unlink(name)
 
 
 def _agvm_of(engine) -> AGVM:

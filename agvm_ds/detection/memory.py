@@ -54,7 +54,7 @@ are all counted when and as long as they exist). Three things bring this close t
 
 The two are combined in the order a training step runs them (:func:`measure_activations`): trunk
 forward, the rest forward and backward, trunk backward (which starts from the gradients the rest
-made). ``tests/test_memory_plan.py`` runs the same code on a small SwinV2 Faster R-CNN and on
+made). ``tests/detection/test_memory_plan.py`` runs the same code on a small SwinV2 Faster R-CNN and on
 ``faster_rcnn_r18_tiny`` and compares the planned peak with the CPU allocator's peak over a real
 training step. Not counted: cuDNN/cuBLAS workspaces, the CUDA context, NCCL buffers, the caching
 allocator's rounding and fragmentation, NVMe swap buffers in host memory; the plan's ``--reserve``

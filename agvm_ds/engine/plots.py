@@ -6,14 +6,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .run_log import EVAL_FILE, TRAIN_FILE, read_records
 
-__all__ = ["plot_run", "main"]
+__all__ = ["plot_run"]
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -87,17 +86,3 @@ def _estimate_note(micro_batches: Optional[int]) -> str:
     if micro_batches <= 4:
         note += "\nat small M one step's phi is mostly noise (see benchmarks/variance_by_batch.py)"
     return note
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="agvm-plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a run's output_dir (holds train_log.jsonl / eval_log.jsonl)")
-    args = parser.parse_args(argv)
-    for path in plot_run(args.run_dir):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

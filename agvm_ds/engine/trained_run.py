@@ -18,11 +18,11 @@ from typing import Any, Optional, Union
 import torch
 
 from ..data.synthetic import CATEGORIES
-from ..detection import ModelSpec, load_spec
+from ..detection import ModelSpec
 from ..detection.weights import detector_from_state_dict
 from . import checkpointing
 from .config import ExperimentConfig, load_config
-from .sizing import evaluation_sized
+from .model_spec import experiment_spec
 
 __all__ = ["TrainedRun", "command_parser", "consolidated_state_dict", "find_checkpoint", "run_categories", "trained_detector"]
 
@@ -47,8 +47,7 @@ class TrainedRun:
         config = load_config(config_file)
         checkpoint = find_checkpoint(run_dir, tag)
         categories = tuple(run_categories(config))
-        spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
-        return cls(run_dir, config, checkpoint, spec.with_overrides({"num_classes": len(categories) + 1}), categories)
+        return cls(run_dir, config, checkpoint, experiment_spec(config, len(categories)), categories)
 
 
 def find_checkpoint(run_dir: Path, tag: Optional[str] = None) -> checkpointing.Checkpoint:

@@ -17,17 +17,18 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from ..agvm import AGVM, init_distributed, initialize
-from ..detection import ModelSpec, build_detector, load_spec
+from ..agvm import AGVM, initialize
+from ..detection import ModelSpec, build_detector
 from ..evaluation import CocoEvaluator, format_coco_summary
 from ..seeding import step_seed
 from . import checkpointing
 from .buffers import RunningStatsSnapshot, average_running_stats
 from .config import ExperimentConfig
-from .data import build_datasets, train_loader, val_loader
+from .distributed import init_distributed
+from .loaders import build_datasets, train_loader, val_loader
 from .deepspeed_config import deepspeed_config
 from .optim import build_optimizer, describe
-from .sizing import evaluation_sized
+from .model_spec import experiment_spec, trains_masks
 from .plots import plot_run
 from .rank_memory import return_freed_tensors_at_once
 from .run_log import RunLog
@@ -68,11 +69,10 @@ class Trainer:
             torch.set_num_threads(_cpu_threads_per_rank(self.world))
             return_freed_tensors_at_once()
 
-        spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
-        with_masks = spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
+        with_masks = trains_masks(config, experiment_spec(config))
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
-        spec = spec.with_overrides({"num_classes": self.datasets.num_classes + 1})
+        spec = experiment_spec(config, self.datasets.num_classes)
         self.spec = spec
         # a recipe that resizes (test_resize derived from it) sizes training images in the data pipeline
         model = build_detector(spec, resize_in_model=config.data.test_resize() is None)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from agvm_ds.engine import load_config, lr_multiplier, peak_lr
-from agvm_ds.engine.cli import main as train_main
+from agvm_ds.commands.train import main as train_main
 from agvm_ds.engine.config import OptimizerConfig, ScheduleConfig
-from agvm_ds.engine.plots import main as plot_main
+from agvm_ds.commands.plot import main as plot_main
 
 
 def coco_paths(root: Path) -> list[str]:
@@ -277,7 +277,7 @@ def test_deepspeed_overrides_merge_into_the_file_from_the_command_line():
 
 
 def test_model_info_reads_overrides_as_the_experiment_config_does(capsys):
-    from agvm_ds.detection.summary import main as model_info
+    from agvm_ds.commands.model_info import main as model_info
 
     assert model_info(["faster_rcnn_r18_tiny", "--meta", "--set", "detector_kwargs.box_nms_thresh=5e-1"]) == 0
     assert model_info(["faster_rcnn_r18_tiny", "--meta", "--set", "detector_kwargs.box_nms_thresh"]) == 2
@@ -299,18 +299,17 @@ def test_configs_models_and_deepspeed_configs_are_found_by_name_from_any_directo
 
 
 def test_evaluation_size_comes_from_the_recipe_and_a_conflicting_model_size_is_refused():
-    from agvm_ds.detection import load_spec
-    from agvm_ds.engine.sizing import evaluation_sized
+    from agvm_ds.engine.model_spec import experiment_spec
 
     config = load_config(None, ["data.scales=[384,400]", "data.max_size=666"])
-    spec = evaluation_sized(load_spec(config.model, config.model_overrides), config)
+    spec = experiment_spec(config)
     assert (spec.min_size, spec.max_size) == (400, 666)
     agreeing = load_config(None, ["data.scales=[384,400]", "data.max_size=666", "model_overrides.min_size=400",
                                   "model_overrides.max_size=666"])
-    assert evaluation_sized(load_spec(agreeing.model, agreeing.model_overrides), agreeing).min_size == 400
+    assert experiment_spec(agreeing).min_size == 400
     conflicting = load_config(None, ["data.scales=[384,400]", "data.max_size=666", "model_overrides.min_size=192"])
     with pytest.raises(ValueError, match=r"model_overrides \{'min_size': 192\}.*data.test_size=400 / data.test_max_size=666"):
-        evaluation_sized(load_spec(conflicting.model, conflicting.model_overrides), conflicting)
+        experiment_spec(conflicting)
 
 
 def test_phi_plot_says_how_many_micro_batch_gradients_each_point_used():

@@ -17,40 +17,25 @@ from distributed import run_ranks
 pytestmark = pytest.mark.slow
 
 STAGES = (0, 1, 2, 3)
-FP32_TOL = 1e-5
-
-
-def _max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(((got - ref).abs() / ref.abs()).max())
-
-
-def _assert_moments_match(result: dict, tol: float) -> None:
-    assert result["records"], "no statistics step was checked"
-    for record in result["records"]:
-        assert _max_rel_err(record["A"], record["ref_A"]) < tol, record
-        assert _max_rel_err(record["B"], record["ref_B"]) < tol, record
-        # the wrapper's factors are the core's factors applied to the brute-force moments
-        assert float((record["factors"] - record["replay_factors"]).abs().max()) < 10 * tol
 
 
 # --- 2 ranks: every stage, precision, accumulation and clipping mode ------------------------------
 
-CLIP = 0.02  # well below the toy model's gradient norm, so clipping is active on every step
 TWO_RANK_CASES = {
-    **{f"z{s}-fp32": {"stage": s, "clip": CLIP} for s in STAGES},
+    **{f"z{s}-fp32": {"stage": s, "clip": scenarios.CLIP} for s in STAGES},
     **{f"z{s}-fp32-gas2": {"stage": s, "gas": 2} for s in STAGES},
-    **{f"z{s}-bf16": {"stage": s, "dtype": "bf16", "clip": CLIP} for s in STAGES},
-    **{f"z{s}-autocast-bf16": {"stage": s, "dtype": "autocast_bf16", "clip": CLIP} for s in STAGES},
-    **{f"z{s}-fp16-overflow": {"stage": s, "dtype": "fp16", "gas": 2, "clip": CLIP, "scale_power": 22} for s in (1, 2, 3)},
-    "z2-adamw": {"stage": 2, "optimizer": "adamw", "clip": CLIP},
+    **{f"z{s}-bf16": {"stage": s, "dtype": "bf16", "clip": scenarios.CLIP} for s in STAGES},
+    **{f"z{s}-autocast-bf16": {"stage": s, "dtype": "autocast_bf16", "clip": scenarios.CLIP} for s in STAGES},
+    **{f"z{s}-fp16-overflow": {"stage": s, "dtype": "fp16", "gas": 2, "clip": scenarios.CLIP, "scale_power": 22} for s in (1, 2, 3)},
+    "z2-adamw": {"stage": 2, "optimizer": "adamw", "clip": scenarios.CLIP},
     "z3-adamw-gas2": {"stage": 3, "optimizer": "adamw", "gas": 2},
     "z0-bf16-precond": {"stage": 0, "dtype": "bf16", "optimizer": "adamw", "precondition": True},
     # identical data on every rank: the stratified estimate of ZeRO 1-3 then equals the exact one
     **{f"z{s}-precond-same-data": {"stage": s, "optimizer": "adamw", "precondition": True, "same_data": True,
-                                   "gas": 2, "clip": CLIP, "check": s == 0} for s in STAGES},
+                                   "gas": 2, "clip": scenarios.CLIP, "check": s == 0} for s in STAGES},
 }
 CHECKED_CASES = [name for name, case in TWO_RANK_CASES.items() if case.get("check", True)]
-TOLERANCE = {"fp32": FP32_TOL, "bf16": 2e-2, "autocast_bf16": 2e-2, "fp16": 5e-3}
+TOLERANCE = {"fp32": scenarios.FP32_TOL, "bf16": 2e-2, "autocast_bf16": 2e-2, "fp16": 5e-3}
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +49,14 @@ def two_rank_runs() -> dict[str, list[dict]]:
 def test_moments_match_brute_force_on_two_ranks(two_rank_runs, name):
     case = TWO_RANK_CASES[name]
     for rank_result in two_rank_runs[name]:
-        _assert_moments_match(rank_result, TOLERANCE[case.get("dtype", "fp32")])
+        scenarios.assert_moments_match(rank_result, TOLERANCE[case.get("dtype", "fp32")])
         assert rank_result["num_micro_batches"] == 2 * case.get("gas", 1)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_clipping_was_active_and_undone(two_rank_runs, stage):
     records = two_rank_runs[f"z{stage}-fp32"][0]["records"]
-    assert min(r["grad_norm"] for r in records) > 5 * CLIP  # B would be off by (norm / clip)^2 if not undone
+    assert min(r["grad_norm"] for r in records) > 5 * scenarios.CLIP  # B would be off by (norm / clip)^2 if not undone
 
 
 @pytest.mark.parametrize("stage", (1, 2, 3))
@@ -79,7 +64,7 @@ def test_overflowed_fp16_windows_are_discarded(two_rank_runs, stage):
     result = two_rank_runs[f"z{stage}-fp16-overflow"][0]
     assert result["skipped_steps"] > 0
     assert result["iteration"] == 20 - result["skipped_steps"]  # AGVM counts applied steps only
-    _assert_moments_match(result, TOLERANCE["fp16"])
+    scenarios.assert_moments_match(result, TOLERANCE["fp16"])
 
 
 def test_all_stages_train_to_the_same_parameters(two_rank_runs):
@@ -87,8 +72,8 @@ def test_all_stages_train_to_the_same_parameters(two_rank_runs):
     for stage in (1, 2, 3):
         result = two_rank_runs[f"z{stage}-fp32"][0]
         for name, value in reference["params"].items():
-            torch.testing.assert_close(result["params"][name], value, rtol=FP32_TOL, atol=FP32_TOL)
-        assert result["factors"] == pytest.approx(reference["factors"], rel=FP32_TOL)
+            torch.testing.assert_close(result["params"][name], value, rtol=scenarios.FP32_TOL, atol=scenarios.FP32_TOL)
+        assert result["factors"] == pytest.approx(reference["factors"], rel=scenarios.FP32_TOL)
     assert max(abs(f - 1.0) for f in reference["factors"].values()) > 0.01
     assert reference["factors"]["backbone"] == 1.0
 
@@ -112,44 +97,44 @@ def test_preconditioned_moments_with_partitioned_state_match_zero0(two_rank_runs
     stratified = two_rank_runs[f"z{stage}-precond-same-data"][0]["records"]
     assert [r["step"] for r in stratified] == [r["step"] for r in exact] and len(exact) >= 5
     for got, want in zip(stratified, exact):
-        assert _max_rel_err(got["A"], want["A"]) < FP32_TOL
-        assert _max_rel_err(got["B"], want["B"]) < FP32_TOL
+        assert scenarios.max_rel_err(got["A"], want["A"]) < scenarios.FP32_TOL
+        assert scenarios.max_rel_err(got["B"], want["B"]) < scenarios.FP32_TOL
 
 
 def test_preconditioning_changes_the_measurement(two_rank_runs):
     plain = two_rank_runs["z2-adamw"][0]["records"][-1]["B"]
     preconditioned = two_rank_runs["z2-precond-same-data"][0]["records"][-1]["B"]
-    assert _max_rel_err(preconditioned, plain) > 10  # |g / sqrt(v)| ~ 1 per coordinate, |g| << 1
+    assert scenarios.max_rel_err(preconditioned, plain) > 10  # |g / sqrt(v)| ~ 1 per coordinate, |g| << 1
 
 
 # --- 3 and 4 ranks ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("world, gas", [(3, 1), (4, 2)])
 def test_moments_match_brute_force_on_more_ranks(world, gas):
-    cases = [{"stage": s, "gas": gas, "clip": CLIP} for s in STAGES]
+    cases = [{"stage": s, "gas": gas, "clip": scenarios.CLIP} for s in STAGES]
     per_rank = run_ranks(scenarios.train_cases, world, cases, 6, True)
     for rank_results in per_rank:
         for result in rank_results:
-            _assert_moments_match(result, FP32_TOL)
+            scenarios.assert_moments_match(result, scenarios.FP32_TOL)
             assert result["num_micro_batches"] == world * gas
 
 
 def test_preconditioned_moments_on_three_ranks_match_zero0():
     """A 1-element parameter on 3 ranks: ZeRO-3 gives one rank no part of it."""
-    base = {"optimizer": "adamw", "precondition": True, "same_data": True, "check": False, "gas": 2, "clip": CLIP,
+    base = {"optimizer": "adamw", "precondition": True, "same_data": True, "check": False, "gas": 2, "clip": scenarios.CLIP,
             "tiny_param": True}
     cases = [{**base, "stage": s} for s in STAGES]
     exact, *partitioned = run_ranks(scenarios.train_cases, 3, cases, 6, False)[0]
     assert len(exact["records"]) >= 4
     for result in partitioned:
         for got, want in zip(result["records"], exact["records"], strict=True):
-            assert _max_rel_err(got["A"], want["A"]) < FP32_TOL
-            assert _max_rel_err(got["B"], want["B"]) < FP32_TOL
+            assert scenarios.max_rel_err(got["A"], want["A"]) < scenarios.FP32_TOL
+            assert scenarios.max_rel_err(got["B"], want["B"]) < scenarios.FP32_TOL
 
 
 # --- resume ---------------------------------------------------------------------------------------
 
-RESUME_CASES = [{"stage": s, "clip": CLIP, "gas": 2} for s in STAGES] + [{"stage": 2, "dtype": "bf16"}]
+RESUME_CASES = [{"stage": s, "clip": scenarios.CLIP, "gas": 2} for s in STAGES] + [{"stage": 2, "dtype": "bf16"}]
 
 
 def test_resume_is_bitwise_exact_in_every_stage(tmp_path):

@@ -19,7 +19,7 @@ from agvm_ds.engine.config import load_config
 from agvm_ds.engine.schedule import peak_lr
 from agvm_ds.engine.trained_run import TrainedRun, consolidated_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import large_batch  # noqa: E402
@@ -188,5 +188,5 @@ def test_smoke_sweep_collects_ap_and_skips_finished_runs_when_started_again(tmp_
 
     again = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished earlier, skipped") == 2 and "agvm_ds.engine.cli" not in again.stdout
+    assert again.stdout.count("finished earlier, skipped") == 2 and "agvm_ds.commands.train" not in again.stdout
     assert _rows(tmp_path / "runs.csv") == runs

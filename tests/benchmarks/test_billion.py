@@ -16,7 +16,7 @@ import torch
 from agvm_ds.agvm import optimizer as agvm_optimizer
 from agvm_ds.engine.rank_memory import RankMemory, describe_death, read_record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_preconditioned_norm_in_chunks_equals_the_whole(monkeypatch):
@@ -32,7 +32,7 @@ def test_preconditioned_norm_in_chunks_equals_the_whole(monkeypatch):
 def test_memory_record_names_a_silent_death_as_sigkill_with_its_memory(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", (
         "import time, sys; from agvm_ds.engine.rank_memory import RankMemory; "
-        f"m = RankMemory(sys.argv[1], 1, lambda: 7, interval=0.1); x = bytearray(300_000_000); time.sleep(60)"),
+        "m = RankMemory(sys.argv[1], 1, lambda: 7, interval=0.1); x = bytearray(300_000_000); time.sleep(60)"),
         str(tmp_path)])
     deadline = time.time() + 60
     while (read_record(tmp_path, 1) or {}).get("rss_bytes", 0) < 300e6:

@@ -20,8 +20,9 @@ import torch
 
 from ..data import CocoDetection, build_detection_loader, build_transforms
 from ..evaluation import CocoEvaluator, format_coco_summary
-from .data import val_split
-from .trained_run import TrainedRun, command_parser, trained_detector
+from ..engine.loaders import val_split
+from ..engine.model_spec import trains_masks
+from ..engine.trained_run import TrainedRun, command_parser, trained_detector
 
 __all__ = ["evaluate_run", "main"]
 
@@ -35,7 +36,7 @@ def evaluate_run(run_dir: Union[str, Path], tag: Optional[str] = None, ann: Opti
     (default: ``RUN_DIR/eval_<tag>``).
     """
     run = TrainedRun.open(run_dir, tag)
-    iou_types = ("bbox", "segm") if _with_masks(run) else ("bbox",)
+    iou_types = ("bbox", "segm") if trains_masks(run.config, run.spec) else ("bbox",)
     dataset = _dataset(run, images, ann, with_masks="segm" in iou_types)
     model = trained_detector(run)
     evaluator = CocoEvaluator(dataset.coco, iou_types, dataset.contiguous_to_category_id)
@@ -46,11 +47,6 @@ def evaluate_run(run_dir: Union[str, Path], tag: Optional[str] = None, ann: Opti
         for batch, targets in loader:
             evaluator.update(model(batch), [t["image_id"] for t in targets])
     return evaluator.evaluate(out_dir if out_dir is not None else run.run_dir / f"eval_{run.checkpoint.tag}")
-
-
-def _with_masks(run: TrainedRun) -> bool:
-    """Whether the run trained (and so evaluates) masks: its ``data.with_masks``, else Mask R-CNN's."""
-    return run.spec.detector == "mask_rcnn" if run.config.data.with_masks is None else run.config.data.with_masks
 
 
 def _dataset(run: TrainedRun, images: Optional[str], ann: Optional[str], with_masks: bool) -> CocoDetection:

@@ -1,6 +1,6 @@
 """Launch logic: the Slurm -> torch.distributed mapping, hostfile and world layouts, ``agvm-train --dry-run``
 and ``--print-config``, one-line user errors, and the thin launch scripts. Real launches are in
-tests/test_multinode.py (deepspeed --hostfile over ssh, torchrun) and tests/test_slurm.py (a real Slurm).
+tests/launch/test_multinode.py (deepspeed --hostfile over ssh, torchrun) and tests/launch/test_slurm.py (a real Slurm).
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from typing import Iterator
 
 import pytest
 
-from agvm_ds.engine.cli import main as train_main
+from agvm_ds.commands.train import main as train_main
 from agvm_ds.engine.world import hostfile_world, launcher_world, slurm_environment, slurm_hostnames, slurm_world
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 SBATCH = LAUNCH / "slurm_swinv2_1b_coco.sbatch"
 HOSTFILE_EXAMPLE = LAUNCH / "hostfile.example"
@@ -177,7 +177,7 @@ def test_a_corrupt_annotation_file_fails_at_start_up_with_one_line(tmp_path: Pat
             f"data.train_images={images}", f"data.train_ann={ann}", f"data.val_images={images}",
             f"data.val_ann={ann}"]
 
-    result = subprocess.run([sys.executable, "-m", "agvm_ds.engine.cli", *args], cwd=REPO, env=script_env(),
+    result = subprocess.run([sys.executable, "-m", "agvm_ds.commands.train", *args], cwd=REPO, env=script_env(),
                             capture_output=True, text=True, timeout=300)
 
     lines = [line for line in result.stderr.splitlines() if line.startswith("agvm-train: ")]

@@ -1,9 +1,9 @@
 """``agvm-train``: train a detector from an experiment config, on one process or many.
 
     agvm-train --config configs/synthetic_tiny.yaml [--resume auto] [key.sub=value ...]
-    deepspeed --num_gpus 8 --no_local_rank --module agvm_ds.engine.cli --config configs/coco_faster_rcnn_r50_bs256.yaml
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m agvm_ds.engine.cli ...
-    srun python -m agvm_ds.engine.cli --launcher slurm ...
+    deepspeed --num_gpus 8 --no_local_rank --module agvm_ds.commands.train --config configs/coco_faster_rcnn_r50_bs256.yaml
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m agvm_ds.commands.train ...
+    srun python -m agvm_ds.commands.train --launcher slurm ...
 
 Run as a single process (no launcher), it sets up a world of one on its own. ``--launcher slurm``
 maps the Slurm task's SLURM_* variables to the ones torch.distributed reads. ``--print-config``
@@ -17,14 +17,15 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Optional, Sequence
 
-from .config import ExperimentConfig, load_config
-from .world import World, hostfile_world, launcher_world, local_world, slurm_environment, slurm_world
+from ..engine.config import ExperimentConfig, load_config
+from ..engine.distributed import single_process_world
+from ..engine.model_spec import experiment_spec
+from ..engine.world import World, hostfile_world, launcher_world, local_world, slurm_environment, slurm_world
 
-__all__ = ["EXIT_DIVERGED", "main", "dry_run_report", "single_process_world"]
+__all__ = ["EXIT_DIVERGED", "main", "dry_run_report"]
 
 #: Exit status of a run stopped by ``train.max_consecutive_skips``: a result of its recipe (a sweep
 #: records it as diverged), not a failure of the program (1) or of its input (2).
@@ -72,20 +73,12 @@ def _world(args: argparse.Namespace) -> World:
     return local_world(args.num_gpus or 1)
 
 
-def _model_spec(config: ExperimentConfig):
-    """The spec the trainer builds, evaluation size included (num_classes follows the data set)."""
-    from ..detection import load_spec
-    from .sizing import evaluation_sized
-
-    return evaluation_sized(load_spec(config.model, config.model_overrides), config)
-
-
 def dry_run_report(config: ExperimentConfig, world: World) -> str:
     """What a run of ``config`` on ``world`` would build, without building it."""
-    from .deepspeed_config import deepspeed_config
-    from .schedule import peak_lr
+    from ..engine.deepspeed_config import deepspeed_config
+    from ..engine.schedule import peak_lr
 
-    spec = _model_spec(config)
+    spec = experiment_spec(config)
     ds_config = deepspeed_config(config)
     per_rank, gas = config.data.batch_size_per_rank, ds_config["gradient_accumulation_steps"]
     global_batch = per_rank * world.ranks * gas
@@ -109,18 +102,6 @@ def dry_run_report(config: ExperimentConfig, world: World) -> str:
     ])
 
 
-def single_process_world() -> None:
-    """Lets ``deepspeed.init_distributed`` build a world of one when no launcher set one up, on a free
-    port, so two single-process runs on one machine do not collide."""
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
-
-
 def _user_error(error: Exception, every_rank: bool) -> int:
     """One line, no traceback, exit code 2."""
     _say(error, every_rank)
@@ -141,9 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.environ.update(slurm_environment(os.environ))
         config = load_config(args.config, args.overrides)
         if args.print_config:
-            from .deepspeed_config import deepspeed_config
+            from ..engine.deepspeed_config import deepspeed_config
 
-            spec = _model_spec(config)
+            spec = experiment_spec(config)
             resolved = {"experiment": config.to_dict(), "model_spec": spec.to_dict(),
                         "deepspeed": deepspeed_config(config)}
             note = NUM_CLASSES_NOTE.format(spec.num_classes)
@@ -161,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     single_process_world()
-    from .trainer import Trainer, TrainingDiverged
+    from ..engine.trainer import Trainer, TrainingDiverged
 
     try:
         trainer = Trainer(config, resume=args.resume)
@@ -199,8 +180,8 @@ def _fit_or_name_lost_ranks(trainer) -> Optional[dict]:
     """
     from tqdm import tqdm
 
-    from .peers import PeerWatch
-    from .rank_memory import RankMemory, describe_death, read_record
+    from ..engine.peers import PeerWatch
+    from ..engine.rank_memory import RankMemory, describe_death, read_record
 
     peers = PeerWatch(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])) if trainer.world > 1 else None
     records = trainer.run_dir / RANK_RECORDS

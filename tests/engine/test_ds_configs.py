@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "ds_configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
 NAME = re.compile(r"^zero(?P<stage>[0-3])_(?P<precision>fp32|bf16|fp16)(?:_[a-z0-9]+)?$")

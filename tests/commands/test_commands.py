@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from agvm_ds.data.synthetic import CATEGORIES
-from agvm_ds.engine import evaluate, export, predict
-from test_train_system import agvm_train, finish, tiny_overrides
+from agvm_ds.commands import evaluate, export, predict
+from launch_jobs import agvm_train, finish, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_predictions_of_the_exported_file_equal_the_runs_own_without_deepspeed(r
     export.export(run, model)
     val_images = run.parent / "data" / "images" / "val"
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    blocker = "import sys; sys.modules['deepspeed'] = None; from agvm_ds.engine.predict import main; sys.exit(main())"
+    blocker = "import sys; sys.modules['deepspeed'] = None; from agvm_ds.commands.predict import main; sys.exit(main())"
     result = subprocess.run([sys.executable, "-c", blocker, str(model), str(val_images), str(tmp_path / "broken.jpg"),
                              "--out", str(tmp_path / "out"), "--score-threshold", "0"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -16,7 +16,7 @@ from agvm_ds.detection import memory
 from agvm_ds.detection.memory import (
     GiB, ActivationProfile, LiveBytes, ParamStats, ZeroSetup, deepspeed_estimate, gpu_peak, model_states,
 )
-from agvm_ds.detection.summary import main as model_info
+from agvm_ds.commands.model_info import main as model_info
 
 N, W = 1_000_000_000, 8
 #: A 1B model whose parameters are all Linear/Conv, for the arithmetic checks.
@@ -112,7 +112,7 @@ def test_a_bad_setup_is_one_error_naming_the_value(kwargs, named):
 
 
 def test_a_shipped_deepspeed_config_gives_its_stage_precision_and_buckets():
-    from agvm_ds.detection.summary import _read_ds_config
+    from agvm_ds.commands.model_info import _read_ds_config
 
     setup = ZeroSetup.from_ds_config(_read_ds_config("zero3_bf16_swin1b"), world=64)
     assert (setup.stage, setup.precision, setup.world, setup.overlap) == (3, "autocast-bf16", 64, False)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..detection.weights import EXPORT_DTYPES, save_detector
-from .trained_run import TrainedRun, command_parser, consolidated_state_dict
+from ..engine.trained_run import TrainedRun, command_parser, consolidated_state_dict
 
 __all__ = ["export", "main"]
 

@@ -25,7 +25,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..data.coco import ImageReadError, read_rgb
 from ..detection.weights import load_detector
-from .trained_run import TrainedRun, command_parser, trained_detector
+from ..engine.trained_run import TrainedRun, command_parser, trained_detector
 
 __all__ = ["IMAGE_SUFFIXES", "image_files", "load_model", "main", "predict_image"]
 

@@ -13,7 +13,7 @@ import pytest
 
 from distributed import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import time_to_train as ttt  # noqa: E402

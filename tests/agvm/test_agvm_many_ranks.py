@@ -4,7 +4,7 @@ With many ranks ZeRO cuts every tensor into pieces and leaves ranks without a si
 small module (here the toy detector's 8-element ``calibration`` module; on hundreds of GPUs, a
 small head). Such a rank adds nothing to the module's reduced-gradient norm, yet all ranks must
 agree on A, B and the factors. Every rank's moments and factors are compared with brute force from
-the all-gathered fp32 micro-batch gradients, as tests/test_agvm_deepspeed.py does on 2-4 ranks.
+the all-gathered fp32 micro-batch gradients, as tests/agvm/test_agvm_deepspeed.py does on 2-4 ranks.
 
 The ranks are gloo processes forked from this one (``run_ranks(start_method="fork")``): spawning
 32 processes that each import torch and DeepSpeed would not fit the time or memory of a small machine.
@@ -16,7 +16,7 @@ import torch
 
 import agvm_scenarios as scenarios
 from distributed import run_ranks
-from test_agvm_deepspeed import CLIP, FP32_TOL, _assert_moments_match
+from agvm_scenarios import CLIP, FP32_TOL, assert_moments_match
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def _module_sizes() -> dict[str, int]:
 def test_moments_and_factors_match_brute_force(many_rank_run, world, stage):
     results = many_rank_run(world, stage)
     for result in results:
-        _assert_moments_match(result, FP32_TOL)
+        assert_moments_match(result, FP32_TOL)
         assert result["num_micro_batches"] == world * ACCUMULATION[world]
         assert len(result["records"]) == STEPS // 2
         assert min(record["grad_norm"] for record in result["records"]) > 5 * CLIP  # clipping was active

@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,36 +15,11 @@ import torch
 
 import train_scenarios
 from distributed import free_port, run_ranks
+from launch_jobs import agvm_train, finish, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
-    """A few optimizer steps on a small synthetic set: the whole pipeline in seconds."""
-    return [
-        f"output_dir={run_dir}", f"data.root={data_root}", "data.synthetic_train=24", "data.synthetic_val=8",
-        "data.synthetic_size=128", "data.scales=[112,128]", "data.max_size=128", "data.num_workers=0",
-        "data.batch_size_per_rank=2", "data.test_size=128",
-        "agvm.start_iter=0", "agvm.interval=1", "train.log_interval=1", "schedule.warmup_iters=2", *extra,
-    ]
-
-
-def agvm_train(args: list[str], ranks: int = 1, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())}
-    if ranks == 1:
-        command = [sys.executable, "-m", "agvm_ds.engine.cli", *args]
-    else:
-        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                   "--module", "agvm_ds.engine.cli", *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-4000:]
-    return output
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cli_on_two_ranks_trains_evaluates_and_plots(tmp_path):
@@ -138,7 +112,8 @@ def test_diverged_run_stops_with_a_clear_error_keeping_its_checkpoints(tmp_path)
 def test_a_diverged_run_exits_with_its_own_status_so_sweeps_can_tell_it_from_a_failure(monkeypatch, capsys, tmp_path):
     from types import SimpleNamespace
 
-    from agvm_ds.engine import cli, trainer
+    from agvm_ds.commands import train as cli
+    from agvm_ds.engine import trainer
 
     class DivergingTrainer:
         world, rank, run_dir, engine = 1, 0, tmp_path, SimpleNamespace(global_steps=0)
@@ -205,7 +180,7 @@ def test_a_failed_start_leaves_no_shared_memory(tmp_path):
             f"data.val_images={tmp_path}", f"data.train_ann={bad}", f"data.val_ann={bad}", f"output_dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module",
-                              "agvm_ds.engine.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                              "agvm_ds.commands.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode != 0 and "bad.json" in process.stdout + process.stderr
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 

@@ -63,7 +63,7 @@ def test_torchrun_with_two_node_agents_ends_on_a_dead_rank_and_resumes_exactly(
         endpoint = f"127.0.0.1:{free_port()}"
         return [start([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                        "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                       "--rdzv-id", run.parent.name, "-m", "agvm_ds.engine.cli", *tiny_job(run, tiny_data), *extra],
+                       "--rdzv-id", run.parent.name, "-m", "agvm_ds.commands.train", *tiny_job(run, tiny_data), *extra],
                       job_env()) for node in (0, 1)]
 
     first, second = torchrun_nodes()
