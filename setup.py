@@ -38,9 +38,13 @@ setup(
         "tqdm",
         "matplotlib",
         "tensorboard",
-        "gymnasium[box2d]>=1.0",  # LTCR's environments; the box2d extra (Box2D + pygame-ce) is LunarLander-v3's
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        # LTCR's environments; the box2d extra (Box2D + pygame-ce) is LunarLander-v3's. The detection trainer
+        # does not need them: `pip install agvm-ds` leaves them out, `pip install agvm-ds[ltcr]` brings them.
+        "ltcr": ["gymnasium[box2d]>=1.0"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.8", "mkdocs>=1.6"],
+    },
     cmdclass={"build_py": BuildWithShippedDefinitions},
     entry_points={
         "console_scripts": [

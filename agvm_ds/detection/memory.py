@@ -44,9 +44,9 @@ are all counted when and as long as they exist). Three things bring this close t
   tensor cannot go through autograd on a machine without a GPU. :func:`cuda_autocast_policy` gives
   CPU autocast CUDA's op lists (``ATen/autocast_mode.h``) for the duration of a measurement; a test
   checks that a Swin forward then returns, op for op, the dtypes torch's real CUDA autocast kernels
-  return. Autocast's cache of bf16 weight copies (DeepSpeed enters ``torch.autocast`` with the cache
-  on) is measured with it: 2 bytes per Linear/Conv parameter during the forward under ZeRO-0/1/2;
-  under ZeRO-3 the weights are gathered in bf16 already (``gathered_bf16``) and nothing is copied.
+  return. Autocast's cache of bf16 weight copies is off, as the trainer turns it off (it would keep a
+  bf16 copy of every weight through the forward, and what activation checkpointing discards);
+  under ZeRO-3 the weights are gathered in bf16 already (``gathered_bf16``).
 - **The data-dependent rest** (anchor matching, proposal NMS, sampling, RoIAlign, the box/mask heads
   and the losses) cannot run on tensors without data. It runs for real on CPU, fed with random
   feature maps and head outputs of the trunk's shapes and synthetic boxes; it is small (RoIs are
@@ -884,10 +884,11 @@ def _weight_dtype(precision: str) -> torch.dtype:
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
-    """DeepSpeed's ``torch_autocast`` around the forward (on CPU tensors, see :func:`cuda_autocast_policy`)."""
+    """DeepSpeed's ``torch_autocast`` around the forward (on CPU tensors, see :func:`cuda_autocast_policy`),
+    with the weight-cast cache off as the trainer runs it."""
     if precision != "autocast-bf16":
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
 
 
 def _autocast_policy(precision: str) -> contextlib.AbstractContextManager:

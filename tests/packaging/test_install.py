@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNTRACKED = ("build", "dist", "runs", "data", "work_dirs", ".git", "*.egg-info", "__pycache__", ".pytest_cache")
 
 
