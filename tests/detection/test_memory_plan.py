@@ -174,7 +174,7 @@ def _forward_dtypes(spec, device: str, policy) -> list[tuple[str, tuple]]:
 
     model = build_detector(spec, device="meta")
     with policy, FakeTensorMode(allow_fallback_kernels=False), torch.device(device):
-        memory._make_fake(model, "autocast-bf16", gathered_bf16=False)
+        memory.activations._make_fake(model, "autocast-bf16", gathered_bf16=False)
         record = Record()
         with record, torch.autocast(device, dtype=torch.bfloat16):
             features = model.backbone(torch.empty(1, 3, 128, 128))
@@ -183,7 +183,7 @@ def _forward_dtypes(spec, device: str, policy) -> list[tuple[str, tuple]]:
 
 
 def test_every_op_cuda_autocasts_has_its_policy():
-    cuda = {op for op in memory._autocast_ops("AutocastCUDA")
+    cuda = {op for op in memory.cuda_autocast._autocast_ops("AutocastCUDA")
             if not op.startswith(("cudnn", "_cudnn")) and op != "binary_cross_entropy"}  # cuDNN-only; banned on CUDA
     assert cuda <= set(memory.CUDA_AUTOCAST_POLICY), sorted(cuda - set(memory.CUDA_AUTOCAST_POLICY))
 
@@ -221,7 +221,7 @@ def _measured_step_peak(spec) -> tuple[int, int]:
         model = build_detector(spec).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         images = [torch.rand(3, 256, 256) for _ in range(2)]
-        targets = memory._synthetic_targets(2, 256, 256, spec.num_classes, masks=False)
+        targets = memory.activations._synthetic_targets(2, 256, 256, spec.num_classes, masks=False)
 
         def step():
             sum(model(images, targets).values()).backward()
