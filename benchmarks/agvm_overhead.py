@@ -7,8 +7,8 @@ Run under the DeepSpeed launcher (CPU ranks with gloo where there is no GPU):
 For each stage it builds two engines on the same model: one whose client optimizer is AGVM(SGD),
 one plain SGD. It alternates their steps on the same batches (so drift in machine load hits both
 alike) and prints the mean of the paired per-step time ratios, with a 95% confidence interval, with
-statistics on every step (interval=1, the worst case) and at the paper's interval of 10. Bytes come from DeepSpeed's comms logger, which records
-every collective issued through deepspeed.comm under AGVM's log name.
+statistics on every step (interval=1, the worst case) and at the paper's interval of 10. Bytes come from
+DeepSpeed's comms logger, which records every collective issued through deepspeed.comm under AGVM's log name.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import copy
 import deepspeed
 import deepspeed.comm as dist
 import torch
+from timing import interleaved_times, paired_ratio
 from torch import nn
 
 from agvm_ds import AGVM, AGVMConfig, initialize, module_param_groups
-from timing import interleaved_times, paired_ratio
 
 MODULES = {"backbone": ["backbone"], "fpn": ["fpn"], "rpn": ["rpn"], "roi_head": ["roi_head"]}
 
@@ -65,7 +65,8 @@ def bench_stage(stage: int, interval: int, width: int, steps: int) -> tuple[floa
     model = FourModuleNet(width)
     baseline_model = copy.deepcopy(model)
     grad_bytes = sum(p.numel() * 4 for p in model.parameters())  # before ZeRO-3 partitions them
-    agvm = AGVM(torch.optim.SGD(module_param_groups(model, MODULES), lr=1e-3, momentum=0.9), AGVMConfig(interval=interval))
+    base = torch.optim.SGD(module_param_groups(model, MODULES), lr=1e-3, momentum=0.9)
+    agvm = AGVM(base, AGVMConfig(interval=interval))
     with_agvm, _, _, _ = initialize(model=model, optimizer=agvm, config=ds_config(stage))
     baseline, _, _, _ = deepspeed.initialize(
         model=baseline_model,
@@ -101,7 +102,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         world = dist.get_world_size()
         print(f"\nAGVM overhead, {world} ranks, {args.steps} timed steps per engine, GAS 2, width {args.width}")
-        print("stage  interval  step time AGVM/base (95% CI)  AGVM bytes/stats step  stats steps  official ~bytes/stats step")
+        print("stage  interval  step time AGVM/base (95% CI)  AGVM bytes/stats step  stats steps  "
+              "official ~bytes/stats step")
         for stage, interval, ratio, half_width, nbytes, calls, grad_bytes in rows:
             # official AGVM: one extra full-gradient all-reduce within halves + a full gradient exchange
             print(f"{stage:>5}  {interval:>8}  {ratio:>12.3f} +- {half_width:.3f}  {nbytes:>21}  {calls:>11}  "

@@ -7,10 +7,10 @@ Each (environment, variant, seed) is one team of ``--agents`` ranks started with
 (``python -m torch.distributed.run --standalone``), trained by ``ltcr.cli`` from the shipped config of the
 environment plus the variant's switches and any ``key=value`` overrides. A finished run (its ``latest``
 checkpoint is the last step) is skipped; an interrupted one resumes from its checkpoint. Afterwards the team-mean
-evaluation returns of every environment under ``<out>`` are gathered into ``<out>/results.md``, ``<out>/results.csv`` and ``<out>/team_return.png``:
-mean and spread (standard deviation, min-max) over seeds, the area under the curve (the mean team return over
-all evaluations, i.e. the normalised AUC) and the environment steps per agent at which the team mean first
-reaches the solved threshold.
+evaluation returns of every environment under ``<out>`` are gathered into ``<out>/results.md``,
+``<out>/results.csv`` and ``<out>/team_return.png``: mean and spread (standard deviation, min-max) over seeds,
+the area under the curve (the mean team return over all evaluations, i.e. the normalised AUC) and the environment
+steps per agent at which the team mean first reaches the solved threshold.
 """
 from __future__ import annotations
 

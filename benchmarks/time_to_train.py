@@ -2,8 +2,8 @@
 
     python benchmarks/time_to_train.py --from-json r50_8.json --from-json swin1b_4.json   # throughput.py outputs
     python benchmarks/time_to_train.py --throughput faster_rcnn_r50_fpn=8:52 \\
-        --throughput faster_rcnn_swinv2_1b_fpn=4:10                                    # MODEL=IMAGES_PER_GPU:IMAGES_PER_S
-    python benchmarks/time_to_train.py --goal-placeholders        # the issue's goals in place of measurements
+        --throughput faster_rcnn_swinv2_1b_fpn=4:10             # MODEL=IMAGES_PER_GPU:IMAGES_PER_S
+    python benchmarks/time_to_train.py --goal-placeholders        # target figures in place of measurements
 
 A projection, not a measurement: every figure follows from the throughput inputs (each printed with
 its source) and from the communication model below, whose assumptions are printed with the tables.
@@ -41,7 +41,7 @@ PLACEHOLDER = "PLACEHOLDER, awaiting measurement"
 
 @dataclass(frozen=True)
 class Workload:
-    """A model trained at a fixed global batch, the paper's figure to compare with, and the issue's
+    """A model trained at a fixed global batch, the paper's figure to compare with, and the target
     throughput goal (images/s or MFU per H100 at a number of images per GPU)."""
 
     model: str
@@ -236,14 +236,14 @@ def parse_throughput(text: str) -> tuple[str, Throughput]:
 
 
 def goal_placeholder(workload: Workload, forward_flops: float, peak_flops: float) -> Throughput:
-    """The issue's goal for ``workload`` standing in for a measurement, labelled as such. An MFU goal
+    """The target throughput for ``workload`` standing in for a measurement, labelled as such. An MFU goal
     becomes images/s = MFU x peak / (3 x forward FLOPs per image)."""
     if workload.goal_images_per_s is not None:
         return Throughput(workload.goal_images_per_gpu, workload.goal_images_per_s,
-                          f"{PLACEHOLDER}: the issue's goal of {workload.goal_images_per_s:g} images/s per H100")
+                          f"{PLACEHOLDER}: the target of {workload.goal_images_per_s:g} images/s per H100")
     images_per_s = workload.goal_mfu * peak_flops / (3 * forward_flops)
     return Throughput(workload.goal_images_per_gpu, images_per_s,
-                      f"{PLACEHOLDER}: the issue's goal of {workload.goal_mfu:.0%} MFU = {workload.goal_mfu:g} x "
+                      f"{PLACEHOLDER}: the target of {workload.goal_mfu:.0%} MFU = {workload.goal_mfu:g} x "
                       f"{peak_flops / 1e12:g} TFLOP/s / (3 x {forward_flops / 1e12:.2f} TFLOP forward per image)")
 
 
@@ -254,7 +254,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--throughput", type=parse_throughput, action="append", default=[],
                         metavar="MODEL=IMAGES_PER_GPU:IMAGES_PER_S", help="a per-GPU throughput input (repeatable)")
     parser.add_argument("--goal-placeholders", action="store_true",
-                        help="where a model has no input, use the issue's goal, labelled as a placeholder")
+                        help="where a model has no input, use the target throughput, labelled as a placeholder")
     parser.add_argument("--overlap", action="store_true", help="assume reduce-scatter overlaps backward")
     parser.add_argument("--gpus-per-node", type=int, default=Network.gpus_per_node)
     parser.add_argument("--nvlink-gb-s", type=float, default=Network.nvlink_gb_s,

@@ -53,7 +53,8 @@ def project_distribution(next_probs: torch.Tensor, rewards: torch.Tensor, termin
     position = (shifted.clamp(v_min, v_max) - v_min) / delta
     lower, upper = position.floor().long(), position.ceil().long()
     projected = torch.zeros_like(next_probs)
-    projected.scatter_add_(1, lower, next_probs * (upper.to(position.dtype) - position + (lower == upper).to(position.dtype)))
+    on_atom = (lower == upper).to(position.dtype)  # a position exactly on an atom keeps all of its mass there
+    projected.scatter_add_(1, lower, next_probs * (upper.to(position.dtype) - position + on_atom))
     projected.scatter_add_(1, upper, next_probs * (position - lower.to(position.dtype)))
     return projected
 

@@ -68,7 +68,8 @@ def plot_run(output_dir: Path) -> list[Path]:
         for ax, metric in zip(axes, panels):
             for agent in agents:
                 series = [(int(r["step"]), float(r[metric])) for r in rows if r["agent"] == agent and r[metric]]
-                ax.plot(*zip(*series) if series else ([], []), label=f"agent {agent}" if agent != "team" else "team mean",
+                label = f"agent {agent}" if agent != "team" else "team mean"
+                ax.plot(*zip(*series) if series else ([], []), label=label,
                         linewidth=2.5 if agent == "team" else 1, color="black" if agent == "team" else None)
             ax.set_xlabel("environment steps per agent")
             ax.set_ylabel(metric)

@@ -120,8 +120,9 @@ def build(case: dict[str, Any]):
         base = torch.optim.SGD(groups, lr=case.get("lr", 0.05), momentum=0.9)
     else:
         base = torch.optim.AdamW(groups, lr=case.get("lr", 0.01))
-    agvm_config = AGVMConfig(interval=case.get("interval", 1 if case.get("precondition") else 2), ema=case.get("ema", 0.5),
-                             start_iter=case.get("start", 0), precondition=case.get("precondition", False))
+    agvm_config = AGVMConfig(interval=case.get("interval", 1 if case.get("precondition") else 2),
+                             ema=case.get("ema", 0.5), start_iter=case.get("start", 0),
+                             precondition=case.get("precondition", False))
     optimizer = AGVM(base, agvm_config)
     config = ds_config(case["stage"], case.get("dtype", "fp32"), case.get("gas", 1), case.get("clip", 0.0),
                        case.get("scale_power", 8), case.get("log_comms", False))

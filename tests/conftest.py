@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from clusters import SLURM_BINARIES, SSH_BINARIES, SlurmCluster, SshNodes, missing
 from distributed import free_port
 from launch_jobs import LAUNCH, finish, job_env, start, tiny_job

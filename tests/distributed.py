@@ -31,7 +31,9 @@ def _rank_main(fn: Callable, rank: int, world_size: int, port: int, args: tuple,
     try:
         import torch
 
-        from agvm_ds.engine.distributed import init_distributed  # deepspeed.init_distributed, leaving no /dev/shm segment
+        from agvm_ds.engine.distributed import (
+            init_distributed,  # deepspeed.init_distributed, leaving no /dev/shm segment
+        )
 
         torch.set_num_threads(1)
         init_distributed(dist_backend="gloo")

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-
 from distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +35,8 @@ def agvm_train(args: list[str], ranks: int = 1, **popen) -> subprocess.Popen:
     else:
         command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
                    "--module", "agvm_ds.commands.train", *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
 
 
 def tiny_job(run_dir: Path, data_root: Path) -> list[str]:
@@ -50,7 +50,8 @@ def tiny_job(run_dir: Path, data_root: Path) -> list[str]:
 def job_env(**extra: str) -> dict[str, str]:
     """The caller's environment without launcher variables of its own, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+           if not k.startswith("SLURM_")
+           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -85,7 +86,8 @@ def wait_for_checkpoint(run_dir: Path, tag: str, process: subprocess.Popen, time
     while latest_checkpoint(run_dir) != tag:
         if process.poll() is not None or time.time() > deadline:
             stop(process)
-            raise AssertionError(f"the job ended or stalled before its {tag} checkpoint:\n{process.stdout.read()[-5000:]}")
+            output = process.stdout.read()[-5000:]
+            raise AssertionError(f"the job ended or stalled before its {tag} checkpoint:\n{output}")
         time.sleep(0.2)
 
 

@@ -337,7 +337,10 @@ def save_checkpoint(
     ``ds_to_universal`` requires, so any checkpoint can be resumed on another number of ranks.
     """
     from deepspeed.checkpoint.constants import (
-        UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     universal_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     client_state = {UNIVERSAL_CHECKPOINT_INFO: universal_info, **(client_state or {}),

@@ -81,7 +81,6 @@ def module_param_groups(
         no_decay = [params[n] for n in names if no_decay_1d and params[n].ndim <= 1]
         for suffix, group_params, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
             if group_params:
-                groups.append(
-                    {"params": group_params, "weight_decay": wd, MODULE_KEY: module, "name": module + suffix, **group_options}
-                )
+                groups.append({"params": group_params, "weight_decay": wd, MODULE_KEY: module,
+                               "name": module + suffix, **group_options})
     return groups

@@ -217,7 +217,8 @@ class AGVM(torch.optim.Optimizer):
         """
         held = self._view.local_second_moment(param)
         if held is None:
-            raise RuntimeError(f"AGVM: precondition=True but no exp_avg_sq for a parameter of shape {tuple(grad.shape)}")
+            raise RuntimeError(
+                f"AGVM: precondition=True but no exp_avg_sq for a parameter of shape {tuple(grad.shape)}")
         start, numel, v = held
         if numel == 0:
             return grad.new_zeros((), dtype=torch.float32)

@@ -18,7 +18,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection import MaskRCNN, RetinaNet
 
-
 __all__ = ["forward_flops", "parameter_counts", "roi_counts"]
 
 

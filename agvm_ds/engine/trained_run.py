@@ -24,7 +24,8 @@ from . import checkpointing
 from .config import ExperimentConfig, load_config
 from .model_spec import experiment_spec
 
-__all__ = ["TrainedRun", "command_parser", "consolidated_state_dict", "find_checkpoint", "run_categories", "trained_detector"]
+__all__ = ["TrainedRun", "command_parser", "consolidated_state_dict", "find_checkpoint", "run_categories",
+           "trained_detector"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def consolidated_state_dict(checkpoint: checkpointing.Checkpoint) -> dict[str, t
     ZeRO-0 keeps the whole module in its model-states file.
     """
     if checkpoint.zero_stage == 0:
-        module = torch.load(checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        states = torch.load(checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        module = states["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -91,8 +93,10 @@ def trained_detector(run: TrainedRun) -> torch.nn.Module:
 
 
 
-def command_parser(prog: str, doc: str, source: str = "run_dir",
-                   source_help: str = "the run's output_dir (holds config.json and checkpoints/)") -> argparse.ArgumentParser:
+def command_parser(
+    prog: str, doc: str, source: str = "run_dir",
+    source_help: str = "the run's output_dir (holds config.json and checkpoints/)",
+) -> argparse.ArgumentParser:
     """The arguments of every command that reads a run: the run (``source``) and ``--checkpoint TAG``."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(source, help=source_help)

@@ -59,7 +59,8 @@ def format_coco_summary(metrics: Mapping[str, float]) -> str:
         title, kind = ("Average Precision", "(AP)") if is_ap else ("Average Recall", "(AR)")
         iou_str = "0.50:0.95" if iou is None else f"{iou:0.2f}"
         lines.append(
-            f" {title:<18} {kind} @[ IoU={iou_str:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] = {metrics[name]:0.3f}"
+            f" {title:<18} {kind} @[ IoU={iou_str:<9} | area={area:>6s} | maxDets={max_dets:>3d} ] "
+            f"= {metrics[name]:0.3f}"
         )
     return "\n".join(lines)
 
@@ -107,7 +108,9 @@ class CocoEvaluator:
         """Forget the predictions accumulated so far."""
         self._results = {}
 
-    def update(self, predictions: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int | torch.Tensor]) -> None:
+    def update(
+        self, predictions: Sequence[Mapping[str, torch.Tensor]], image_ids: Sequence[int | torch.Tensor]
+    ) -> None:
         """Add one batch of torchvision outputs (``boxes`` XYXY, ``scores``, ``labels``, ``masks``).
 
         An image id seen before (e.g. a padded duplicate from ``even_eval_batches``) is ignored.

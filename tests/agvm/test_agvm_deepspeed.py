@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 
+import agvm_scenarios as scenarios
 import pytest
 import torch
-
-import agvm_scenarios as scenarios
 from distributed import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -26,7 +25,8 @@ TWO_RANK_CASES = {
     **{f"z{s}-fp32-gas2": {"stage": s, "gas": 2} for s in STAGES},
     **{f"z{s}-bf16": {"stage": s, "dtype": "bf16", "clip": scenarios.CLIP} for s in STAGES},
     **{f"z{s}-autocast-bf16": {"stage": s, "dtype": "autocast_bf16", "clip": scenarios.CLIP} for s in STAGES},
-    **{f"z{s}-fp16-overflow": {"stage": s, "dtype": "fp16", "gas": 2, "clip": scenarios.CLIP, "scale_power": 22} for s in (1, 2, 3)},
+    **{f"z{s}-fp16-overflow": {"stage": s, "dtype": "fp16", "gas": 2, "clip": scenarios.CLIP, "scale_power": 22}
+       for s in (1, 2, 3)},
     "z2-adamw": {"stage": 2, "optimizer": "adamw", "clip": scenarios.CLIP},
     "z3-adamw-gas2": {"stage": 3, "optimizer": "adamw", "gas": 2},
     "z0-bf16-precond": {"stage": 0, "dtype": "bf16", "optimizer": "adamw", "precondition": True},
@@ -121,8 +121,8 @@ def test_moments_match_brute_force_on_more_ranks(world, gas):
 
 def test_preconditioned_moments_on_three_ranks_match_zero0():
     """A 1-element parameter on 3 ranks: ZeRO-3 gives one rank no part of it."""
-    base = {"optimizer": "adamw", "precondition": True, "same_data": True, "check": False, "gas": 2, "clip": scenarios.CLIP,
-            "tiny_param": True}
+    base = {"optimizer": "adamw", "precondition": True, "same_data": True, "check": False, "gas": 2,
+            "clip": scenarios.CLIP, "tiny_param": True}
     cases = [{**base, "stage": s} for s in STAGES]
     exact, *partitioned = run_ranks(scenarios.train_cases, 3, cases, 6, False)[0]
     assert len(exact["records"]) >= 4

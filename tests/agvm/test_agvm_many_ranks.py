@@ -11,12 +11,11 @@ The ranks are gloo processes forked from this one (``run_ranks(start_method="for
 """
 from __future__ import annotations
 
+import agvm_scenarios as scenarios
 import pytest
 import torch
-
-import agvm_scenarios as scenarios
-from distributed import run_ranks
 from agvm_scenarios import CLIP, FP32_TOL, assert_moments_match
+from distributed import run_ranks
 
 pytestmark = pytest.mark.slow
 

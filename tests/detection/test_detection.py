@@ -19,8 +19,8 @@ from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.ops import FrozenBatchNorm2d
 
 from agvm_ds.agvm import assign_modules
-from agvm_ds.detection import ModelSpec, build_detector, load_spec, model_names
 from agvm_ds.commands.model_info import main
+from agvm_ds.detection import ModelSpec, build_detector, load_spec, model_names
 from agvm_ds.detection.summary import forward_flops, parameter_counts
 
 # Most models here use frozen BN without weights, which warns (see the test of that warning).

@@ -11,12 +11,18 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from agvm_ds.detection import build_detector, load_spec
-from agvm_ds.detection import memory
-from agvm_ds.detection.memory import (
-    GiB, ActivationProfile, LiveBytes, ParamStats, ZeroSetup, deepspeed_estimate, gpu_peak, model_states,
-)
 from agvm_ds.commands.model_info import main as model_info
+from agvm_ds.detection import build_detector, load_spec, memory
+from agvm_ds.detection.memory import (
+    ActivationProfile,
+    GiB,
+    LiveBytes,
+    ParamStats,
+    ZeroSetup,
+    deepspeed_estimate,
+    gpu_peak,
+    model_states,
+)
 
 N, W = 1_000_000_000, 8
 #: A 1B model whose parameters are all Linear/Conv, for the arithmetic checks.

@@ -195,12 +195,11 @@ EXPECTED_DTYPES = {"fp32": ("torch.float32", "torch.float32", "torch.float32"),
 
 
 def _train_every_config(rank: int, world_size: int, paths: list[str], out_dir: str) -> dict[str, Any]:
+    import agvm_scenarios as scenarios
     import torch
     from deepspeed.accelerator import get_accelerator
-
     from deepspeed.runtime.torch_autocast import get_comm_dtype
 
-    import agvm_scenarios as scenarios
     from agvm_ds import AGVM, AGVMConfig, module_param_groups
     from agvm_ds.agvm import initialize
 
@@ -224,7 +223,7 @@ def _train_every_config(rank: int, world_size: int, paths: list[str], out_dir: s
         engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=config)
         dtype = next(engine.module.parameters()).dtype
         losses, output_dtypes = [], set()
-        for step in range(6):
+        for _ in range(6):
             for micro in range(2):
                 x, y = scenarios.micro_batch(0, rank, micro)  # the same batch every step: loss must fall
                 output = engine(x.to(dtype))

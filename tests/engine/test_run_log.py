@@ -17,7 +17,8 @@ def strict_records(path):
 
 def test_non_finite_numbers_are_written_as_null(tmp_path):
     log = RunLog(tmp_path, enabled=True)
-    log.train({"iteration": 5, "loss": math.nan, "lr": 0.1, "agvm": {"fpn": {"factor": math.inf, "phi": [1.0, -math.inf]}}})
+    log.train({"iteration": 5, "loss": math.nan, "lr": 0.1,
+               "agvm": {"fpn": {"factor": math.inf, "phi": [1.0, -math.inf]}}})
     log.eval({"iteration": 5, "bbox": {"AP": float("nan"), "AP50": 0.25}})
     train = strict_records(tmp_path / "train_log.jsonl")
     assert train == [{"iteration": 5, "loss": None, "lr": 0.1, "agvm": {"fpn": {"factor": None, "phi": [1.0, None]}}}]
@@ -31,4 +32,5 @@ def test_truncating_for_a_resume_keeps_the_file_strict(tmp_path):
     (tmp_path / "train_log.jsonl").write_text('{"iteration": 5, "loss": NaN}\n{"iteration": 10, "loss": 1.0}\n'
                                               '{"iteration": 15, "loss": 0.5}\n')  # a log from an older version
     log.truncate_after(10)
-    assert strict_records(tmp_path / "train_log.jsonl") == [{"iteration": 5, "loss": None}, {"iteration": 10, "loss": 1.0}]
+    assert strict_records(tmp_path / "train_log.jsonl") == [{"iteration": 5, "loss": None},
+                                                            {"iteration": 10, "loss": 1.0}]

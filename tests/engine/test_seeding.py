@@ -11,7 +11,8 @@ def test_seeds_are_the_values_checkpoints_replay():
 
 
 def test_each_position_gets_its_own_seed():
-    seeds = {seeding.step_seed(0, rank, iteration, micro) for rank in range(4) for iteration in range(50) for micro in range(4)}
+    seeds = {seeding.step_seed(0, rank, iteration, micro)
+             for rank in range(4) for iteration in range(50) for micro in range(4)}
     assert len(seeds) == 4 * 50 * 4
     samples = {seeding.sample_seed(0, epoch, index) for epoch in range(5) for index in range(1000)}
     assert len(samples) == 5 * 1000

@@ -8,10 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import free_port
-from launch_jobs import (DEAD_RANK_DEADLINE_S, LAUNCH, assert_same_result, finish, job_env, kill_rank_when_checkpointed,
-                         start, tiny_job)
+from launch_jobs import (
+    DEAD_RANK_DEADLINE_S,
+    LAUNCH,
+    assert_same_result,
+    finish,
+    job_env,
+    kill_rank_when_checkpointed,
+    start,
+    tiny_job,
+)
 
 pytestmark = pytest.mark.slow
 

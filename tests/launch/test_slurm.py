@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch_jobs import DEAD_RANK_DEADLINE_S, LAUNCH, REPO, assert_same_result, job_env, rank_pid, tiny_job
 
 pytestmark = pytest.mark.slow

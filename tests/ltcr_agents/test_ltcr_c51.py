@@ -27,7 +27,8 @@ def test_projection_matches_brute_force(v_min, v_max, atoms):
     support = torch.linspace(v_min, v_max, atoms)
     probs = torch.softmax(torch.randn(64, atoms, generator=generator, dtype=torch.float64), dim=1)
     # rewards that push atoms past both ends (clamping), onto exact atoms (integers), and in between
-    rewards = torch.cat([torch.tensor([-1e3, 1e3, 0.0, 2.0]), (torch.rand(60, generator=generator) - 0.5) * 3 * (v_max - v_min)])
+    spread = (torch.rand(60, generator=generator) - 0.5) * 3 * (v_max - v_min)
+    rewards = torch.cat([torch.tensor([-1e3, 1e3, 0.0, 2.0]), spread])
     rewards = rewards.double()
     terminated = (torch.rand(64, generator=generator) < 0.3).double()
     got = project_distribution(probs, rewards, terminated, 0.99, support.double())

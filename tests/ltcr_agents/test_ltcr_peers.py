@@ -8,8 +8,8 @@ confident peer (lowest entropy of its greedy action's distribution) for exactly 
 import numpy as np
 import pytest
 import torch
-
 from distributed import run_ranks
+
 from ltcr.agent import C51Agent
 from ltcr.config import AgentConfig, TransferConfig
 from ltcr.peers import PeerGroup, init_peers

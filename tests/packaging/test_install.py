@@ -36,9 +36,10 @@ def test_installed_package_trains_exports_and_loads_from_an_unrelated_directory(
     assert Path(where).is_relative_to(venv) and (Path(where) / "faster_rcnn_r18_tiny.yaml").is_file()
 
     train = subprocess.run(
-        [str(venv / "bin" / "agvm-train"), "--config", "synthetic_tiny", "deepspeed=zero0_fp32", "model=faster_rcnn_r18_tiny",
-         "output_dir=run", "data.root=data", "data.synthetic_train=8", "data.synthetic_val=4", "data.synthetic_size=96",
-         "data.scales=[96]", "data.max_size=96", "data.test_size=96", "data.num_workers=0", "data.batch_size_per_rank=2", "train.max_iters=1"],
+        [str(venv / "bin" / "agvm-train"), "--config", "synthetic_tiny", "deepspeed=zero0_fp32",
+         "model=faster_rcnn_r18_tiny", "output_dir=run", "data.root=data", "data.synthetic_train=8",
+         "data.synthetic_val=4", "data.synthetic_size=96", "data.scales=[96]", "data.max_size=96", "data.test_size=96",
+         "data.num_workers=0", "data.batch_size_per_rank=2", "train.max_iters=1"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     assert (elsewhere / "run" / "eval" / "metrics.json").is_file()
