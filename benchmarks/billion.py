@@ -296,12 +296,12 @@ def profile_worker(result: Path, job: Sequence[str]) -> None:
     for name, region in (("backward", "backward"), ("step", "optimizer_step")):
         setattr(engine, name, _within(region, getattr(engine, name)))
     engine.forward = _within("forward", engine.forward)
-    batches = iter(trainer.train_loader(0, 0))
+    batches = trainer.micro_batches()
     for _ in range(2):
-        trainer.micro_step(*next(batches))
+        trainer.steps.run_step(batches)
     with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("step"):
-            trainer.micro_step(*next(batches))
+            trainer.steps.run_step(batches)
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
     split = {region: round(totals.get(region, 0.0), 2) for region in ("step", *REGIONS)}
     split["zero_collectives"] = round(sum(t for k, t in totals.items() if COLLECTIVE.match(k)), 2)

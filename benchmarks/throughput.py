@@ -14,9 +14,10 @@ Variants, built from the same initial weights and run in interleaved rounds (``t
     agvm_10   AGVM statistics every 10 steps (the paper's interval), from step 0
     agvm_1    AGVM statistics every step (the worst case)
 
-The agvm-ds variants run ``engine(images, targets)``, ``engine.backward``, ``engine.step`` per micro-batch,
-as the trainer does; the trainer's own bookkeeping around them (its non-finite-loss check, logging)
-is not timed. Inputs are synthetic: random images of exactly ``--size`` (the model's resize is
+The agvm-ds variants run ``StepRunner.run_step`` (``agvm_ds/engine/step.py``), the trainer's own step:
+forward, the non-finite-loss guard (a device flag all-reduced per micro-batch, one host read per
+optimizer step), backward and DeepSpeed step per micro-batch; only logging and checkpoints are not
+timed. Inputs are synthetic: random images of exactly ``--size`` (the model's resize is
 skipped; the transform still normalises and pads to 32) with 8 random boxes each (and box masks for
 Mask R-CNN), made on the device before timing, so no data loading is timed. AGVM needs at least two
 micro-batch gradients per step to measure anything, hence ``--accumulation 2`` by default on one rank.
@@ -46,18 +47,20 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from timing import Ratio, interleaved_times, paired_ratio
 from torch import nn
 
-from agvm_ds import AGVMConfig, initialize
+from agvm_ds import AGVMConfig
 from agvm_ds.config_checks import apply_overrides
 from agvm_ds.detection import build_detector, load_spec
 from agvm_ds.detection.summary import forward_flops
-from agvm_ds.engine.distributed import single_process_world
+from agvm_ds.engine.builders import build_step_runner
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.deepspeed_config import deepspeed_config
+from agvm_ds.engine.distributed import single_process_world
 from agvm_ds.engine.optim import build_optimizer
 from agvm_ds.engine.schedule import lr_multiplier, peak_lr
-from timing import Ratio, interleaved_times, paired_ratio
+from agvm_ds.engine.step import MicroBatch, StepRunner
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -78,8 +81,6 @@ DENSE_BF16_PEAK_TFLOPS = (
     ("A100", 312.0),
 )
 OOM_EXIT_CODE = 3
-
-MicroBatch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def synthetic_micro_batches(spec, settings: Settings, images_per_gpu: int, devic
                     mask[y1:y2, x1:x2] = 1
                 target["masks"] = masks
             targets.append({k: v.to(device) for k, v in target.items()})
-        batches.append((images, targets))
+        batches.append(MicroBatch(images, targets))
     return batches
 
 
@@ -211,12 +212,12 @@ class PlainLoop:
         self.autocast, self.device_type = autocast, device.type
 
     def __call__(self, micro_batches: list[MicroBatch]) -> None:
-        for index, (images, targets) in enumerate(micro_batches):
+        for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last else nullcontext()
             with no_sync:
                 with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = sum(self.model(images, targets).values())
+                    loss = sum(self.model(batch.images, batch.targets).values())
                 (loss / len(micro_batches)).backward()
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
@@ -225,13 +226,12 @@ class PlainLoop:
         self.scheduler.step()
 
 
-def engine_step(engine) -> Callable[[list[MicroBatch]], None]:
-    """One optimizer step of an agvm-ds engine: forward, backward and step per micro-batch."""
+def engine_step(runner: StepRunner) -> Callable[[list[MicroBatch]], None]:
+    """One optimizer step of an agvm-ds engine, exactly as the trainer takes it."""
 
     def step(micro_batches: list[MicroBatch]) -> None:
-        for images, targets in micro_batches:
-            engine.backward(sum(engine(images, targets).values()))
-            engine.step()
+        if not runner.run_step(micro_batches).stepped:
+            raise RuntimeError("the micro-batches of a round did not complete an optimizer step (a non-finite loss?)")
 
     return step
 
@@ -259,9 +259,8 @@ def build_variants(names: Sequence[str], settings: Settings, device: torch.devic
             "interval": AGVM_INTERVALS.get(name, config.agvm.interval), "stop_iter": None,
         })
         optimizer = build_optimizer(replica, replica.agvm_modules, config.optimizer, lr, agvm_config)
-        engine, _, _, _ = initialize(model=replica, optimizer=optimizer, config=ds_config,
-                                     lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        steps[name], optimizers[name] = engine_step(engine), optimizer
+        skips = config.train.max_consecutive_skips if config.train.skip_nonfinite_loss else None
+        steps[name], optimizers[name] = engine_step(build_step_runner(replica, optimizer, ds_config, schedule, skips)), optimizer
     return steps, optimizers
 
 

@@ -41,12 +41,12 @@ from agvm_ds.agvm.estimator import GradientMoments, noise_scale, variance_proxy
 from agvm_ds.agvm.grouping import assign_modules
 from agvm_ds.detection import build_detector
 from agvm_ds.engine.buffers import RunningStatsSnapshot
+from agvm_ds.engine.builders import build_model
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.loaders import Datasets, build_datasets, train_loader
 from agvm_ds.engine.optim import build_optimizer
 from agvm_ds.engine.schedule import lr_multiplier, peak_lr
 from agvm_ds.engine.trained_run import TrainedRun, consolidated_state_dict
-from agvm_ds.engine.model_spec import experiment_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tables import write_table  # noqa: E402
@@ -157,8 +157,7 @@ class Point:
 def scratch_model(config: ExperimentConfig, num_categories: int) -> nn.Module:
     """The model the trainer builds for ``config`` (same seed, spec and resize rule)."""
     torch.manual_seed(config.seed)
-    return build_detector(experiment_spec(config, num_categories),
-                         resize_in_model=config.data.test_resize() is None)
+    return build_model(config, num_categories)
 
 
 def checkpoint_model(run: TrainedRun, config: ExperimentConfig) -> nn.Module:

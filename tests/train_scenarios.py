@@ -35,7 +35,7 @@ def nan_batch_run(rank: int, world: int, tmp: str, overrides: list[str]) -> dict
     stats = trainer.optimizer.statistics()
     buffers = running_stats(trainer.engine.module)
     return {
-        "skipped": trainer.skipped_nonfinite,
+        "skipped": trainer.steps.skipped_nonfinite,
         "iterations": trainer.engine.global_steps,
         "agvm_updates": trainer.optimizer.modulator.num_updates,
         "params_finite": all(bool(torch.isfinite(p).all()) for p in trainer.engine.module.parameters()),

@@ -10,9 +10,12 @@ a resumed run replays, so resume stays exact.
 
 A micro-batch whose loss is non-finite is skipped after its forward pass, which has already folded
 its (possibly NaN) activations into the running statistics: :class:`RunningStatsSnapshot` restores
-them, so a skipped micro-batch leaves no trace.
+them, so a skipped micro-batch leaves no trace (:meth:`RunningStatsSnapshot.keep_if` does so on
+the device, for a skip the host learns of only at the end of the accumulation window).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -56,16 +59,29 @@ def average_running_stats(module: nn.Module) -> None:
 
 
 class RunningStatsSnapshot:
-    """A copy of a module's BatchNorm running statistics, to restore after a skipped forward pass."""
+    """A copy of a module's BatchNorm running statistics, to restore after a skipped forward pass.
+
+    The buffers are looked up at the first :meth:`take`, so a snapshot made before DeepSpeed moves
+    the module to its device follows the moved buffers.
+    """
 
     def __init__(self, module: nn.Module) -> None:
-        self._buffers = running_stats(module)
+        self._module = module
+        self._buffers: Optional[list[torch.Tensor]] = None
         self._saved: list[torch.Tensor] = []
 
     def take(self) -> None:
+        if self._buffers is None:
+            self._buffers = running_stats(self._module)
         self._saved = [b.detach().clone() for b in self._buffers]
 
     @torch.no_grad()
     def restore(self) -> None:
-        for buffer, saved in zip(self._buffers, self._saved):
+        for buffer, saved in zip(self._buffers or [], self._saved):
             buffer.copy_(saved)
+
+    @torch.no_grad()
+    def keep_if(self, keep: torch.Tensor) -> None:
+        """Restores the snapshot unless the device flag ``keep`` is true, without reading it on the host."""
+        for buffer, saved in zip(self._buffers or [], self._saved):
+            buffer.copy_(torch.where(keep, buffer, saved))

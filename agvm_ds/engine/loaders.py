@@ -11,7 +11,7 @@ from ..data import CocoDetection, SyntheticPaths, build_detection_loader, build_
 from ..seeding import sample_seed
 from .config import DataConfig
 
-__all__ = ["Datasets", "build_datasets", "train_loader", "val_loader", "val_split", "SeededSamples"]
+__all__ = ["Datasets", "SeededSamples", "TrainLoaders", "build_datasets", "train_loader", "val_loader", "val_split"]
 
 
 class SeededSamples(Dataset):
@@ -84,11 +84,26 @@ def _synthetic(config: DataConfig) -> SyntheticPaths:
 
 def train_loader(datasets: Datasets, config: DataConfig, rank: int, world: int, seed: int, epoch: int,
                  start_batch: int) -> DataLoader:
+    """This rank's training micro-batches of ``epoch`` from micro-batch ``start_batch`` on (a resumed epoch)."""
     datasets.train.epoch = epoch
     return build_detection_loader(
         datasets.train, config.batch_size_per_rank, rank, world, train=True, num_workers=config.num_workers,
         seed=seed, epoch=epoch, start_batch=start_batch, aspect_ratio_grouping=config.aspect_ratio_grouping,
     )
+
+
+@dataclass
+class TrainLoaders:
+    """One rank's training loader of any epoch: ``loaders(epoch, start_batch)``."""
+
+    datasets: Datasets
+    config: DataConfig
+    rank: int
+    world: int
+    seed: int
+
+    def __call__(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        return train_loader(self.datasets, self.config, self.rank, self.world, self.seed, epoch, start_batch)
 
 
 def val_loader(datasets: Datasets, config: DataConfig, rank: int, world: int, even: bool) -> DataLoader:

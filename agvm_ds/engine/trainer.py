@@ -1,8 +1,9 @@
 """The training loop: a detector, AGVM and DeepSpeed, from one ExperimentConfig.
 
 One process per rank (the ``deepspeed`` launcher, torchrun, Slurm, or a single process). The loop
-reads like the recipe: for each micro-batch, forward, skip a non-finite loss on every rank alike,
-backward, step; at optimizer-step boundaries log, checkpoint; at epoch ends evaluate and plot.
+reads like the recipe: for each optimizer step, ``StepRunner.run_step`` (forward, skip a non-finite
+loss on every rank alike, backward, step, over the accumulation window); then log, checkpoint; at
+epoch ends evaluate and plot. The pieces are built by ``builders``, which the benchmarks share.
 """
 from __future__ import annotations
 
@@ -12,35 +13,33 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
-from ..agvm import AGVM, initialize
-from ..detection import ModelSpec, build_detector
+from ..agvm import AGVM
+from ..detection import ModelSpec
 from ..evaluation import CocoEvaluator, format_coco_summary
 from ..seeding import step_seed
 from . import checkpointing
-from .buffers import RunningStatsSnapshot, average_running_stats
+from .buffers import average_running_stats
+from .builders import build_model, build_step_runner
 from .config import ExperimentConfig
-from .distributed import init_distributed
-from .loaders import build_datasets, train_loader, val_loader
 from .deepspeed_config import deepspeed_config
-from .optim import build_optimizer, describe
+from .distributed import init_distributed
+from .loaders import TrainLoaders, build_datasets, val_loader
 from .model_spec import experiment_spec, trains_masks
+from .optim import build_optimizer, describe
 from .plots import plot_run
 from .rank_memory import return_freed_tensors_at_once
 from .run_log import RunLog
 from .schedule import lr_multiplier, peak_lr
+from .step import MicroBatch, StepResult, TrainingDiverged
 
 __all__ = ["Trainer", "TrainingDiverged"]
 
 logger = logging.getLogger("agvm_ds")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite for ``train.max_consecutive_skips`` micro-batches in a row."""
 
 
 class Trainer:
@@ -72,10 +71,9 @@ class Trainer:
         with_masks = trains_masks(config, experiment_spec(config))
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
-        spec = experiment_spec(config, self.datasets.num_classes)
-        self.spec = spec
-        # a recipe that resizes (test_resize derived from it) sizes training images in the data pipeline
-        model = build_detector(spec, resize_in_model=config.data.test_resize() is None)
+        self.spec = experiment_spec(config, self.datasets.num_classes)
+        self.train_loader = TrainLoaders(self.datasets, config.data, self.rank, self.world, config.seed)
+        model = build_model(config, self.datasets.num_classes)
 
         ds_config = deepspeed_config(config)
         checkpoint = checkpointing.resolve_resume(resume, self.run_dir)
@@ -91,27 +89,15 @@ class Trainer:
             )
         self.total_iters = config.train.max_iters or config.train.epochs * self.steps_per_epoch
         lr = peak_lr(config.optimizer, self.global_batch)
-        optimizer = build_optimizer(model, model.agvm_modules, config.optimizer, lr, config.agvm)
-        self.module_params = describe(optimizer)
+        self.optimizer: AGVM = build_optimizer(model, model.agvm_modules, config.optimizer, lr, config.agvm)
+        self.module_params = describe(self.optimizer)
+        skips = config.train.max_consecutive_skips if config.train.skip_nonfinite_loss else None
         schedule = lr_multiplier(config.schedule, self.total_iters)
-        self.engine, _, _, _ = initialize(
-            model=model, optimizer=optimizer, config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        )
-        self.optimizer: AGVM = optimizer
-        if self.engine.torch_autocast_enabled():
-            # autocast caches the low-precision copy of every weight until the forward ends: under
-            # ZeRO-3 that is a copy of the whole gathered model per rank (2 GB for the 1B SwinV2),
-            # and with activation checkpointing it keeps what checkpointing discards
-            torch.set_autocast_cache_enabled(False)
-        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
-            torch.float16 if self.engine.fp16_enabled() else torch.float32)
-        _cast_float_buffers(self.engine.module, self.dtype)
-        self.running_stats = RunningStatsSnapshot(self.engine.module)
+        self.steps = build_step_runner(model, self.optimizer, ds_config, schedule, skips, report=self._info)
+        self.engine = self.steps.engine
+        self.dtype = self.steps.dtype
         self.log = RunLog(self.run_dir, self.is_main)
-        self.epoch, self.batch_in_epoch, self.skipped_nonfinite, self.consecutive_skips = 0, 0, 0, 0
-        self.window_losses: dict[str, torch.Tensor] = {}
-        self.window_micro_batches = 0
+        self.epoch, self.batch_in_epoch = 0, 0
         self.last_metrics: dict[str, Any] = {}
         self.saved_iteration: Optional[int] = None
         if checkpoint is not None:
@@ -121,20 +107,16 @@ class Trainer:
             state = checkpointing.load(self.engine, checkpoint)
             load_seconds = time.perf_counter() - load_started
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-            self.skipped_nonfinite = state["skipped_nonfinite"]
+            self.steps.skipped_nonfinite = state["skipped_nonfinite"]
             if checkpoint.world_size != self.world:
                 self._continue_on_new_world(checkpoint.world_size, state)
             self.saved_iteration = self.engine.global_steps
             self.log.truncate_after(self.engine.global_steps)
             self._info(f"resumed from {checkpoint.path} at iteration {self.engine.global_steps} "
                        f"(epoch {self.epoch}, micro-batch {self.batch_in_epoch}) in {load_seconds:.1f} s")
-        self._info(self._banner(spec, lr))
+        self._info(self._banner(self.spec, lr))
 
     # --- set-up ---------------------------------------------------------------------------------
-
-    def train_loader(self, epoch: int, start_batch: int):
-        data = self.config.data
-        return train_loader(self.datasets, data, self.rank, self.world, self.config.seed, epoch, start_batch)
 
     def _continue_on_new_world(self, saved_world: int, state: dict[str, Any]) -> None:
         """Maps the data position of a checkpoint written by ``saved_world`` ranks onto this world.
@@ -188,26 +170,21 @@ class Trainer:
             self.evaluate()
         window_start, window_images = time.perf_counter(), 0
         while self.engine.global_steps < self.total_iters:
-            loader = self.train_loader(self.epoch, self.batch_in_epoch)
-            usable = self.steps_per_epoch * self.gas  # whole accumulation windows only
-            for images, targets in loader:
-                if self.batch_in_epoch >= usable or self.engine.global_steps >= self.total_iters:
-                    break
-                self.batch_in_epoch += 1
-                step_before = self.engine.global_steps
-                losses = self.micro_step(images, targets)
-                window_images += len(images) * self.world
-                if losses is None or self.engine.global_steps == step_before:
-                    continue  # skipped, or inside an accumulation window
+            micro_batches = self.micro_batches()
+            while self.engine.global_steps < self.total_iters:
+                it = self.engine.global_steps + 1
+                log = it % train.log_interval == 0 or it == self.total_iters
+                step = self._run_step(micro_batches, log)
+                window_images += step.images * self.world
+                if not step.stepped:
+                    break  # the epoch's whole accumulation windows are done
                 progress.update(1)
-                it = self.engine.global_steps
-                if it % train.log_interval == 0 or it == self.total_iters:
-                    elapsed = time.perf_counter() - window_start
-                    self._log_step(window_images / elapsed, progress)
+                if step.losses is not None:
+                    self._log_step(step.losses, window_images / (time.perf_counter() - window_start), progress)
                     window_start, window_images = time.perf_counter(), 0
                 if train.checkpoint_iters and it % train.checkpoint_iters == 0:
                     self.save()
-            if self.batch_in_epoch >= usable:
+            if self.batch_in_epoch >= self.steps_per_epoch * self.gas:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 done = self.engine.global_steps >= self.total_iters
                 if done or self.epoch % train.eval_interval == 0:
@@ -222,60 +199,29 @@ class Trainer:
             plot_run(self.run_dir)
         return self.last_metrics
 
-    def micro_step(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:
-        """Forward, backward and (at a boundary) step one micro-batch; None if its loss was skipped.
+    def micro_batches(self) -> Iterator[MicroBatch]:
+        """The rest of this epoch's whole accumulation windows, from ``batch_in_epoch`` on, each seeded
+        for its forward pass (proposal sampling) so that a resumed run replays it."""
+        usable = self.steps_per_epoch * self.gas
+        for images, targets in self.train_loader(self.epoch, self.batch_in_epoch):
+            if self.batch_in_epoch >= usable:
+                return
+            self.batch_in_epoch += 1
+            seed = step_seed(self.config.seed, self.rank, self.engine.global_steps, self.batch_in_epoch % self.gas)
+            yield MicroBatch(images, targets, seed)
 
-        A non-finite loss on any rank skips the micro-batch on every rank (one 1-float all-reduce),
-        before backward: no NaN reaches the gradients, the optimizer state or AGVM's statistics, and
-        the BatchNorm running statistics its forward pass updated are restored.
-        """
-        device = self.engine.device
-        # proposal sampling, replayed on resume
-        torch.manual_seed(step_seed(self.config.seed, self.rank, self.engine.global_steps, self.batch_in_epoch % self.gas))
-        images = [image.to(device, self.dtype) for image in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        skip_nonfinite = self.config.train.skip_nonfinite_loss
-        if skip_nonfinite:
-            self.running_stats.take()
-        loss_dict = self.engine(images, targets)
-        loss = sum(loss_dict.values())
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        self.dist.all_reduce(finite, op=self.dist.ReduceOp.MIN)
-        if finite.item() < 1.0 and skip_nonfinite:
-            self._skip(loss_dict)
-            return None
-        self.consecutive_skips = 0
-        self.engine.backward(loss)
-        self.engine.step()
-        losses = {k: v.detach() for k, v in loss_dict.items()}
-        for name, value in losses.items():
-            self.window_losses[name] = self.window_losses.get(name, 0.0) + value
-        self.window_micro_batches += 1
-        return losses
-
-    def _skip(self, loss_dict: dict[str, torch.Tensor]) -> None:
-        self.running_stats.restore()
-        self.skipped_nonfinite += 1
-        self.consecutive_skips += 1
-        values = {k: v.item() for k, v in loss_dict.items()}
-        limit = self.config.train.max_consecutive_skips
-        if self.consecutive_skips >= limit:
+    def _run_step(self, micro_batches: Iterator[MicroBatch], log: bool) -> StepResult:
+        try:
+            return self.steps.run_step(micro_batches, log)
+        except TrainingDiverged as error:
             raise TrainingDiverged(
-                f"training diverged: {self.consecutive_skips} consecutive micro-batches had a non-finite loss "
-                f"(train.max_consecutive_skips={limit}; the last at iteration {self.engine.global_steps}: {values}). "
-                f"Checkpoints in {self.run_dir / checkpointing.CHECKPOINT_DIR} are untouched: lower optimizer.lr "
-                "(or lengthen schedule.warmup_iters) and continue with --resume auto"
-            )
-        self._info(f"non-finite loss at iteration {self.engine.global_steps} ({values}): "
-                   "micro-batch skipped on every rank")
+                f"{error}. Checkpoints in {self.run_dir / checkpointing.CHECKPOINT_DIR} are untouched: lower "
+                "optimizer.lr (or lengthen schedule.warmup_iters) and continue with --resume auto") from None
 
-    def _log_step(self, images_per_s: float, progress: tqdm) -> None:
+    def _log_step(self, losses: dict[str, float], images_per_s: float, progress: tqdm) -> None:
         """Logs the mean of each loss over the micro-batches since the last record."""
         it = self.engine.global_steps
         lrs = self.engine.lr_scheduler.get_last_lr()
-        count = max(self.window_micro_batches, 1)
-        losses = {name: float(total) / count for name, total in self.window_losses.items()}
-        self.window_losses, self.window_micro_batches = {}, 0
         record = {"iteration": it, "epoch": self.epoch, "loss": sum(losses.values()), **losses,
                   "lr": lrs[0], "images_per_s": images_per_s, "agvm": self.optimizer.statistics(),
                   "agvm_micro_batches": self.world * self.gas}
@@ -317,7 +263,7 @@ class Trainer:
             return
         average_running_stats(self.engine.module)
         state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_batch": self.global_batch,
-                 "skipped_nonfinite": self.skipped_nonfinite, "config": self.config.to_dict()}
+                 "skipped_nonfinite": self.steps.skipped_nonfinite, "config": self.config.to_dict()}
         self.saved_iteration = self.engine.global_steps
         checkpointing.save(self.engine, self.run_dir, self.engine.global_steps, state,
                            self.config.train.keep_checkpoints, self.is_main)
@@ -334,12 +280,3 @@ def _cpu_threads_per_rank(world: int) -> int:
         return int(os.environ["OMP_NUM_THREADS"])
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
     return max(1, (os.cpu_count() or 1) // local_ranks)
-
-
-def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm statistics and the
-    constants of torchvision's FrozenBatchNorm2d must match the activations' dtype."""
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            buffer.data = buffer.data.to(dtype)
-
