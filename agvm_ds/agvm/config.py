@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Annotated, Any, Mapping, Optional
 
-from ..config_checks import reject_unknown_keys
+from pydantic import Field, model_validator
+
+from ..config_checks import Count, Expected, PositiveCount, build, invalid, section
 
 __all__ = ["AGVMConfig"]
 
 
-@dataclass(frozen=True)
+@section(label="AGVM config")
 class AGVMConfig:
     """Settings of the Adaptive Gradient Variance Modulator (Xue et al., NeurIPS 2022).
 
@@ -32,49 +32,29 @@ class AGVMConfig:
         enabled: False turns AGVM into a transparent pass-through (the baseline of a comparison).
     """
 
-    anchor: str = "backbone"
-    interval: int = 10
-    ema: float = 0.97
-    clamp_min: float = 0.5
+    anchor: Annotated[str, Field(min_length=1), Expected("the non-empty name of a module")] = "backbone"
+    interval: PositiveCount = 10
+    ema: Annotated[float, Field(ge=0, lt=1)] = 0.97
+    clamp_min: Annotated[float, Field(gt=0)] = 0.5
     clamp_max: float = 10.0
-    start_iter: int = 0
+    start_iter: Count = 0
     stop_iter: Optional[int] = None
-    eps: float = 1e-6
+    eps: Annotated[float, Field(ge=0)] = 1e-6
     precondition: bool = False
     enabled: bool = True
 
-    def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"AGVM config: {key}={getattr(self, key)!r} is invalid: {why}")
-
-        if not isinstance(self.anchor, str) or not self.anchor:
-            raise bad("anchor", "expected the non-empty name of a module")
-        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
-            raise bad("interval", "expected an integer >= 1")
-        if not _is_real(self.ema) or not 0.0 <= self.ema < 1.0:
-            raise bad("ema", "expected a number in [0, 1)")
-        if not _is_real(self.clamp_min) or self.clamp_min <= 0:
-            raise bad("clamp_min", "expected a number > 0")
-        if not _is_real(self.clamp_max) or self.clamp_max < self.clamp_min:
-            raise bad("clamp_max", f"expected a number >= clamp_min ({self.clamp_min})")
-        if not isinstance(self.start_iter, int) or isinstance(self.start_iter, bool) or self.start_iter < 0:
-            raise bad("start_iter", "expected an integer >= 0")
-        if self.stop_iter is not None and (
-            not isinstance(self.stop_iter, int) or isinstance(self.stop_iter, bool) or self.stop_iter < self.start_iter
-        ):
-            raise bad("stop_iter", f"expected None or an integer >= start_iter ({self.start_iter})")
-        if not _is_real(self.eps) or self.eps < 0:
-            raise bad("eps", "expected a number >= 0")
-        if not isinstance(self.precondition, bool):
-            raise bad("precondition", "expected true or false")
-        if not isinstance(self.enabled, bool):
-            raise bad("enabled", "expected true or false")
+    @model_validator(mode="after")
+    def _check_order(self) -> "AGVMConfig":
+        if self.clamp_max < self.clamp_min:
+            raise invalid(f"expected a number >= clamp_min ({self.clamp_min})", clamp_max=self.clamp_max)
+        if self.stop_iter is not None and self.stop_iter < self.start_iter:
+            raise invalid(f"expected None or an integer >= start_iter ({self.start_iter})", stop_iter=self.stop_iter)
+        return self
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "AGVMConfig":
         """Builds a config from a mapping (a YAML section); an unknown key lists the valid ones."""
-        reject_unknown_keys(cls, values, "AGVM config")
-        return cls(**dict(values))
+        return build(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,6 +69,3 @@ class AGVMConfig:
         """Whether gradient statistics are measured at this (0-based) iteration."""
         return self.is_active(iteration) and (iteration - self.start_iter) % self.interval == 0
 
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -10,17 +10,19 @@ import dataclasses
 import inspect
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 import timm
+from pydantic import Field, model_validator
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 
-from ..config_checks import apply_overrides, read_yaml_mapping, reject_unknown_keys
+from ..config_checks import Expected, Items, PositiveCount, apply_overrides, build, invalid, read_yaml_mapping, section
 from ..resources import find, shipped_dir, shipped_names
 
-__all__ = ["DEFAULT_ANCHOR_SIZES", "DEFAULT_ASPECT_RATIOS", "DETECTORS", "FEATURE_MAPS", "MODELS_DIR", "NORMS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
+__all__ = ["DEFAULT_ANCHOR_SIZES", "DEFAULT_ASPECT_RATIOS", "DETECTORS", "FEATURE_MAPS", "MODELS_DIR", "NORMS",
+           "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
 
 MODELS_DIR = shipped_dir("models")
 """The folder of the shipped definitions (``<name>.yaml``): the package's copy, or the checkout's ``models/``."""
@@ -33,6 +35,15 @@ NORMS = ("frozen_bn", "bn", "sync_bn")
 FEATURE_MAPS = {"faster_rcnn": 5, "mask_rcnn": 5, "retinanet": 5}
 
 Anchors = tuple[tuple[float, ...], ...]
+Number = Union[int, float]
+Side = Annotated[int, Field(ge=32)]
+#: ``min_size``: torchvision's resize, one shorter side or a list to pick from per training image.
+MinSize = Annotated[Union[Side, Annotated[Items[Side], Field(min_length=1)]],
+                    Expected("an integer >= 32 or a non-empty list of them")]
+#: ``anchor_sizes``/``aspect_ratios`` as given: numbers, or lists of numbers, per level; the spec holds
+#: them as :data:`Anchors`, one tuple per feature map (see ``ModelSpec``).
+AnchorLevel = Annotated[Union[Number, Items[Number]], Expected("a number or a list of numbers")]
+AnchorsGiven = Annotated[Optional[Items[AnchorLevel]], Expected("a list of numbers or of lists, one per feature map")]
 #: torchvision's default anchors (``faster_rcnn._default_anchorgen``, ``retinanet._default_anchorgen``):
 #: sizes per level (one for the R-CNNs, three octave scales for RetinaNet) and ratios per level.
 DEFAULT_ANCHOR_SIZES: dict[str, Anchors] = {
@@ -74,7 +85,7 @@ def detector_knobs(detector: str) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
+@section(label="model spec")
 class ModelSpec:
     """What ``build_detector`` builds.
 
@@ -117,111 +128,83 @@ class ModelSpec:
         name: the definition's name, for logs (set from the file name when loaded).
     """
 
-    detector: str
+    detector: Literal[tuple(DETECTORS)]
     backbone: str
-    num_classes: int = 81
-    min_size: Union[int, tuple[int, ...]] = 800
+    num_classes: Annotated[int, Field(ge=2), Expected("an integer >= 2 (the classes plus the background)")] = 81
+    min_size: MinSize = 800
     max_size: int = 1333
-    fpn_channels: int = 256
-    trainable_stages: int = 3
-    norm: str = "frozen_bn"
+    fpn_channels: PositiveCount = 256
+    trainable_stages: Annotated[int, Field(ge=1, le=5),
+                                Expected("an integer in [1, 5] (AGVM's anchor, the backbone, must train)")] = 3
+    norm: Literal[NORMS] = "frozen_bn"
     checkpointing: bool = False
-    pretrained: Union[bool, str] = False
-    pretrained_file: Optional[str] = None
+    pretrained: Annotated[Union[bool, str], Expected("true, false, or a timm name of the backbone's weights")] = False
+    pretrained_file: Annotated[Optional[Annotated[str, Field(min_length=1)]],
+                               Expected("null or the path of a local checkpoint file")] = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     detector_kwargs: dict[str, Any] = field(default_factory=dict)
-    anchor_sizes: Optional[Anchors] = None
-    aspect_ratios: Optional[Anchors] = None
+    anchor_sizes: AnchorsGiven = None
+    aspect_ratios: AnchorsGiven = None
     name: str = ""
 
-    def __post_init__(self) -> None:
-        where = f"model spec {self.name}" if self.name else "model spec"
-
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"{where}: {key}={getattr(self, key)!r} is invalid: {why}")
-
-        if self.detector not in DETECTORS:
-            raise bad("detector", f"expected one of {sorted(DETECTORS)}")
-        if not isinstance(self.backbone, str):
-            raise bad("backbone", "expected a timm model name")
+    @model_validator(mode="after")
+    def _check_rules(self) -> "ModelSpec":
+        """The rules between fields; sets ``anchor_sizes``/``aspect_ratios`` to one tuple per feature map."""
         family = backbone_family(self.backbone)
-        if not _is_int(self.num_classes) or self.num_classes < 2:
-            raise bad("num_classes", "expected an integer >= 2 (the classes plus the background)")
-        if isinstance(self.min_size, list):
-            object.__setattr__(self, "min_size", tuple(self.min_size))
         sizes = self.min_size if isinstance(self.min_size, tuple) else (self.min_size,)
-        if not sizes or not all(_is_int(s) and s >= 32 for s in sizes):
-            raise bad("min_size", "expected an integer >= 32 or a non-empty list of them")
-        if not _is_int(self.max_size) or self.max_size < max(sizes):
-            raise bad("max_size", f"expected an integer >= min_size ({max(sizes)})")
-        if not _is_int(self.fpn_channels) or self.fpn_channels < 1:
-            raise bad("fpn_channels", "expected an integer >= 1")
-        if not _is_int(self.trainable_stages) or not 1 <= self.trainable_stages <= 5:
-            raise bad("trainable_stages", "expected an integer in [1, 5] (AGVM's anchor, the backbone, must train)")
-        if self.norm not in NORMS:
-            raise bad("norm", f"expected one of {list(NORMS)}")
+        if self.max_size < max(sizes):
+            raise invalid(f"expected an integer >= min_size ({max(sizes)})", max_size=self.max_size)
         if family == "swin" and self.norm != "frozen_bn":
-            raise bad("norm", "it applies to ResNet bodies only; Swin bodies use LayerNorm")
-        if not isinstance(self.checkpointing, bool):
-            raise bad("checkpointing", "expected true or false")
-        if self.pretrained_file is not None and (not isinstance(self.pretrained_file, str) or not self.pretrained_file):
-            raise bad("pretrained_file", "expected null or the path of a local checkpoint file")
-        if not (isinstance(self.pretrained, bool) or (isinstance(self.pretrained, str) and self.pretrained.startswith(
-                f"{self.backbone}.") and timm.is_model(self.pretrained))):
-            raise bad("pretrained", f"expected true, false, or a timm name of {self.backbone!r} weights "
-                                    f"({self.backbone}.<tag>, e.g. from timm.list_pretrained({self.backbone + '*'!r}))")
+            raise invalid("it applies to ResNet bodies only; Swin bodies use LayerNorm", norm=self.norm)
+        if isinstance(self.pretrained, str) and not (
+                self.pretrained.startswith(f"{self.backbone}.") and timm.is_model(self.pretrained)):
+            raise invalid(f"expected true, false, or a timm name of {self.backbone!r} weights ({self.backbone}.<tag>, "
+                          f"e.g. from timm.list_pretrained({self.backbone + '*'!r}))", pretrained=self.pretrained)
         if self.pretrained and self.pretrained_file is not None:
-            raise bad("pretrained", "pretrained_file is given too; keep one of them")
-        if not isinstance(self.backbone_kwargs, dict) or not all(isinstance(k, str) for k in self.backbone_kwargs):
-            raise bad("backbone_kwargs", "expected a mapping of timm.create_model argument names to values")
-        if not isinstance(self.detector_kwargs, dict):
-            raise bad("detector_kwargs", "expected a mapping")
-        self._resolve_anchors(bad)
+            raise invalid("pretrained_file is given too; keep one of them", pretrained=self.pretrained)
+        self._check_detector_kwargs()
+        self._resolve_anchors()
+        return self
+
+    def _check_detector_kwargs(self) -> None:
         knobs = detector_knobs(self.detector)
         for key, value in self.detector_kwargs.items():
             if key not in knobs:
-                raise ValueError(
-                    f"{where}: detector_kwargs.{key} is not a knob of "
-                    f"{DETECTORS[self.detector].__name__}; valid keys are {sorted(knobs)}"
-                )
+                raise ValueError(f"detector_kwargs.{key} is not a knob of {DETECTORS[self.detector].__name__}; "
+                                 f"valid keys are {sorted(knobs)}")
             expected = int if isinstance(knobs[key], int) else (int, float)
             if isinstance(value, bool) or not isinstance(value, expected) or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"{where}: detector_kwargs.{key}={value!r} is invalid: expected a "
-                    f"{'non-negative integer' if expected is int else 'non-negative number'}"
-                )
+                kind = "non-negative integer" if expected is int else "non-negative number"
+                raise invalid(f"expected a {kind}", **{f"detector_kwargs.{key}": value})
 
-    def _resolve_anchors(self, bad: Callable[[str, str], ValueError]) -> None:
-        """Sets ``anchor_sizes``/``aspect_ratios`` to one tuple of numbers per feature map, or refuses them."""
+    def _resolve_anchors(self) -> None:
         levels = FEATURE_MAPS[self.detector]
         defaults = {"anchor_sizes": DEFAULT_ANCHOR_SIZES[self.detector], "aspect_ratios": DEFAULT_ASPECT_RATIOS}
         for key, default in defaults.items():
             value = getattr(self, key)
             if value is None:
                 value = default
-            if not isinstance(value, (list, tuple)) or not value:
-                raise bad(key, f"expected a list of numbers or of lists, one per feature map ({levels})")
-            per_level = [tuple(v) if isinstance(v, (list, tuple)) else (v,) for v in value]
-            if key == "aspect_ratios" and not any(isinstance(v, (list, tuple)) for v in value):
+            if not value:
+                raise invalid(f"expected a list of numbers or of lists, one per feature map ({levels})", **{key: value})
+            per_level = [v if isinstance(v, tuple) else (v,) for v in value]
+            if key == "aspect_ratios" and not any(isinstance(v, tuple) for v in value):
                 per_level = [tuple(value)] * levels  # one list shared by every level
             if len(per_level) != levels:
-                raise bad(key, f"{len(per_level)} level(s) given, but {self.detector} has {levels} feature maps")
-            if not all(level and all(_is_real(x) and math.isfinite(x) and x > 0 for x in level) for level in per_level):
-                raise bad(key, "expected positive numbers, at least one per level")
+                raise invalid(f"{len(per_level)} level(s) given, but {self.detector} has {levels} feature maps",
+                              **{key: value})
+            if not all(level and all(x > 0 for x in level) for level in per_level):
+                raise invalid("expected positive numbers, at least one per level", **{key: value})
             object.__setattr__(self, key, tuple(per_level))
         counts = {len(s) * len(r) for s, r in zip(self.anchor_sizes, self.aspect_ratios)}
         if len(counts) > 1:
-            raise bad("anchor_sizes", f"levels give {sorted(counts)} anchors (sizes x aspect_ratios); "
-                                      "one head is shared across levels, so every level needs the same number")
+            raise invalid(f"levels give {sorted(counts)} anchors (sizes x aspect_ratios); one head is shared "
+                          "across levels, so every level needs the same number", anchor_sizes=self.anchor_sizes)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelSpec":
         """Builds a spec from a mapping (a YAML file); an unknown key lists the valid ones."""
-        reject_unknown_keys(cls, values, "model spec")
-        missing = [k for k in ("detector", "backbone") if k not in values]
-        if missing:
-            raise ValueError(f"model spec: missing key(s) {missing}")
-        return cls(**dict(values))
+        name = values.get("name") if isinstance(values, Mapping) else None
+        return build(cls, values, f"model spec {name}" if name else "model spec")
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -258,10 +241,3 @@ def load_spec(name_or_path: Union[str, os.PathLike], overrides: Optional[Mapping
     values.setdefault("name", path.stem)
     return ModelSpec.from_dict(apply_overrides(values, overrides or {}))
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,26 +1,36 @@
 """Experiment configuration: one YAML file, typed sections, command-line overrides.
 
-Every section is a frozen dataclass, so a typo is an error at start-up that lists the valid keys,
-and a value of the wrong type names its dotted key. ``key.sub=value`` overrides are parsed as YAML
-scalars (``lr=0.02``, ``agvm.enabled=false``, ``data.scales=[224,256]``).
+Every section is a frozen pydantic dataclass (``config_checks.section``) that declares its ranges and
+choices on its fields, so a typo is an error at start-up that lists the valid keys, and a bad value
+names its dotted key and what is allowed. ``key.sub=value`` overrides are parsed as YAML scalars
+(``lr=0.02``, ``agvm.enabled=false``, ``data.scales=[224,256]``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
+
+from pydantic import Field, model_validator
 
 from ..agvm import AGVMConfig
-from ..config_checks import apply_overrides, parse_overrides, read_yaml_mapping, reject_unknown_keys
+from ..config_checks import (
+    Count,
+    Expected,
+    Items,
+    PositiveCount,
+    build,
+    parse_overrides,
+    read_config,
+    reject_unknown_keys,
+    section,
+)
 from ..data.transforms import RECIPES
 from ..detection.spec import ModelSpec, load_spec
 from ..resources import find, shipped_dir, shipped_names
-
 
 #: DeepSpeed keys the trainer derives from the experiment -> the experiment key to set instead.
 TRAINER_OWNED_DEEPSPEED_KEYS = {
@@ -42,7 +52,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@section
 class DataConfig:
     """Where the images come from and how batches are made.
 
@@ -50,43 +60,32 @@ class DataConfig:
     ``dataset: coco`` reads ``train_images``/``train_ann`` and ``val_images``/``val_ann``.
     """
 
-    dataset: str = "synthetic"
+    dataset: Literal["synthetic", "coco"] = "synthetic"
     root: str = "data/synthetic"
     train_images: Optional[str] = None
     train_ann: Optional[str] = None
     val_images: Optional[str] = None
     val_ann: Optional[str] = None
-    synthetic_train: int = 600
-    synthetic_val: int = 100
-    synthetic_size: int = 256
-    batch_size_per_rank: int = 2
-    num_workers: int = 2
-    recipe: str = "multiscale"
-    scales: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
-    max_size: int = 1333
-    lsj_size: int = 1024
+    synthetic_train: PositiveCount = 600
+    synthetic_val: PositiveCount = 100
+    synthetic_size: PositiveCount = 256
+    batch_size_per_rank: PositiveCount = 2
+    num_workers: Count = 2
+    recipe: Literal[RECIPES] = "multiscale"
+    scales: Annotated[Items[PositiveCount], Field(min_length=1)] = (640, 672, 704, 736, 768, 800)
+    max_size: PositiveCount = 1333
+    lsj_size: PositiveCount = 1024
     aspect_ratio_grouping: bool = True
     with_masks: Optional[bool] = None  # None: whatever the model needs
-    test_size: Optional[int] = None
-    test_max_size: Optional[int] = None
+    test_size: Optional[PositiveCount] = None
+    test_max_size: Optional[PositiveCount] = None
 
-    def __post_init__(self) -> None:
-        _check_choice("data.dataset", self.dataset, ("synthetic", "coco"))
+    @model_validator(mode="after")
+    def _check_paths_and_test_size(self) -> "DataConfig":
         if self.dataset == "coco":
             missing = [k for k in _COCO_PATH_KEYS if not getattr(self, k)]
             if missing:
                 raise ValueError(f"data.dataset=coco needs data.{', data.'.join(missing)}")
-        for key in ("synthetic_train", "synthetic_val", "synthetic_size", "batch_size_per_rank", "max_size", "lsj_size"):
-            _check_int(f"data.{key}", getattr(self, key), 1)
-        _check_int("data.num_workers", self.num_workers, 0)
-        _check_choice("data.recipe", self.recipe, RECIPES)
-        if not self.scales:
-            raise ValueError("data.scales=(): expected a non-empty list of shorter-side sizes")
-        for scale in self.scales:
-            _check_int("data.scales", scale, 1)
-        for key in ("test_size", "test_max_size"):
-            if getattr(self, key) is not None:
-                _check_int(f"data.{key}", getattr(self, key), 1)
         if self.recipe in ("none", "hflip") and (self.test_size is None) != (self.test_max_size is None):
             raise ValueError(
                 f"data.test_size={self.test_size!r}, data.test_max_size={self.test_max_size!r}: recipe "
@@ -98,6 +97,7 @@ class DataConfig:
                 f"data.test_max_size={resize[1]} (longer-side cap of evaluation images) is below "
                 f"data.test_size={resize[0]} (their shorter side): expected test_max_size >= test_size"
             )
+        return self
 
     def test_resize(self) -> Optional[tuple[int, int]]:
         """(shorter side, longer-side cap) of evaluation images, or None to leave it to the model spec.
@@ -109,7 +109,8 @@ class DataConfig:
         resize: the model spec's ``min_size``/``max_size`` then drive training and evaluation alike.
         A single given value keeps the other from the recipe.
         """
-        derived = {"multiscale": (max(self.scales), self.max_size), "lsj": (self.lsj_size, self.lsj_size)}.get(self.recipe)
+        derived = {"multiscale": (max(self.scales), self.max_size),
+                   "lsj": (self.lsj_size, self.lsj_size)}.get(self.recipe)
         if derived is None and self.test_size is None:
             return None
         size = self.test_size if self.test_size is not None else derived[0]
@@ -117,35 +118,28 @@ class DataConfig:
         return size, cap
 
 
-@dataclass(frozen=True)
+@section
 class OptimizerConfig:
     """The base optimizer AGVM wraps. ``lr`` is for ``base_batch_size`` images and is scaled to the
     global batch by ``lr_scaling`` (linear, as Goyal et al.; sqrt, as for adaptive optimizers; none)."""
 
-    name: str = "sgd"
-    lr: float = 0.02
-    base_batch_size: int = 16
-    lr_scaling: str = "linear"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    name: Literal["sgd", "adamw", "lamb"] = "sgd"
+    lr: Annotated[float, Field(gt=0)] = 0.02
+    base_batch_size: PositiveCount = 16
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    betas: Items[Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
 
-    def __post_init__(self) -> None:
-        _check_choice("optimizer.name", self.name, ("sgd", "adamw", "lamb"))
-        _check_choice("optimizer.lr_scaling", self.lr_scaling, ("linear", "sqrt", "none"))
-        _check_real("optimizer.lr", self.lr, 0, open_low=True)
-        _check_int("optimizer.base_batch_size", self.base_batch_size, 1)
-        _check_real("optimizer.momentum", self.momentum, 0, 1, open_high=True)
-        _check_real("optimizer.weight_decay", self.weight_decay, 0)
+    @model_validator(mode="after")
+    def _check_betas(self) -> "OptimizerConfig":
         if len(self.betas) != 2:
             raise ValueError(f"optimizer.betas={list(self.betas)!r}: expected exactly 2 numbers in [0, 1)")
-        for beta in self.betas:
-            _check_real("optimizer.betas", beta, 0, 1, open_high=True)
-        _check_real("optimizer.eps", self.eps, 0, open_low=True)
+        return self
 
 
-@dataclass(frozen=True)
+@section
 class ScheduleConfig:
     """Warm-up then decay, as multipliers of the peak learning rate.
 
@@ -153,26 +147,16 @@ class ScheduleConfig:
     COCO recipe steps at 12/16 and 14/16).
     """
 
-    warmup: str = "linear"
-    warmup_iters: int = 100
-    warmup_ratio: float = 0.001
-    decay: str = "step"
-    milestones: tuple[float, ...] = (0.75, 0.875)
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_choice("schedule.warmup", self.warmup, ("linear", "exponential", "none"))
-        _check_choice("schedule.decay", self.decay, ("step", "cosine", "none"))
-        _check_int("schedule.warmup_iters", self.warmup_iters, 0)
-        _check_real("schedule.warmup_ratio", self.warmup_ratio, 0, 1, open_low=True)
-        _check_real("schedule.gamma", self.gamma, 0, 1, open_low=True)
-        _check_real("schedule.min_lr_ratio", self.min_lr_ratio, 0, 1)
-        if any(not (_is_real(m) and 0 < m < 1) for m in self.milestones):
-            raise ValueError(f"schedule.milestones={self.milestones!r}: fractions of the run in (0, 1) expected")
+    warmup: Literal["linear", "exponential", "none"] = "linear"
+    warmup_iters: Count = 100
+    warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 0.001
+    decay: Literal["step", "cosine", "none"] = "step"
+    milestones: Items[Annotated[float, Field(gt=0, lt=1), Expected("fractions of the run in (0, 1)")]] = (0.75, 0.875)
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
-@dataclass(frozen=True)
+@section
 class TrainConfig:
     """Length of the run and how often it logs, evaluates and checkpoints (in optimizer steps
     where the name says iters, else in epochs).
@@ -183,30 +167,21 @@ class TrainConfig:
     gone or stuck before the job fails.
     """
 
-    epochs: int = 12
-    max_iters: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    log_interval: int = 10
-    eval_interval: int = 1
+    epochs: PositiveCount = 12
+    max_iters: Optional[PositiveCount] = None
+    gradient_accumulation_steps: PositiveCount = 1
+    log_interval: PositiveCount = 10
+    eval_interval: PositiveCount = 1
     eval_at_start: bool = False
-    checkpoint_interval: int = 1
-    checkpoint_iters: Optional[int] = None
-    keep_checkpoints: int = 2
+    checkpoint_interval: PositiveCount = 1
+    checkpoint_iters: Optional[PositiveCount] = None
+    keep_checkpoints: PositiveCount = 2
     skip_nonfinite_loss: bool = True
-    max_consecutive_skips: int = 20
-    dist_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        for key in ("epochs", "gradient_accumulation_steps", "log_interval", "eval_interval", "checkpoint_interval",
-                    "keep_checkpoints", "max_consecutive_skips"):
-            _check_int(f"train.{key}", getattr(self, key), 1)
-        for key in ("max_iters", "checkpoint_iters"):
-            if getattr(self, key) is not None:
-                _check_int(f"train.{key}", getattr(self, key), 1)
-        _check_real("train.dist_timeout_s", self.dist_timeout_s, 0, open_low=True)
+    max_consecutive_skips: PositiveCount = 20
+    dist_timeout_s: Annotated[float, Field(gt=0)] = 300.0
 
 
-@dataclass(frozen=True)
+@section
 class ExperimentConfig:
     """A whole experiment. ``model`` names a shipped definition (``models/``) or a YAML path, and
     ``model_overrides`` changes any of its fields; ``deepspeed`` names a shipped DeepSpeed config
@@ -222,27 +197,27 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: str = "ds_configs/zero2_fp32.json"
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: Annotated[str, Field(min_length=1), Expected("the directory of the run")] = "runs/default"
+    seed: Count = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "ExperimentConfig":
         for key, instead in TRAINER_OWNED_DEEPSPEED_KEYS.items():
             if key in self.deepspeed_overrides:
-                raise ValueError(f"deepspeed_overrides.{key}: the trainer sets it from the experiment; set {instead} instead")
+                raise ValueError(f"deepspeed_overrides.{key}: the trainer sets it from the experiment; "
+                                 f"set {instead} instead")
         reject_unknown_keys(ModelSpec, {k.split(".")[0]: v for k, v in self.model_overrides.items()},
                             "model_overrides", "model_overrides.")
-        if not self.output_dir:
-            raise ValueError("output_dir='': expected the directory of the run")
-        _check_int("seed", self.seed, 0)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
 
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Reads an experiment file (a path, or a shipped name: ``synthetic_tiny``) or the defaults, applies ``key.sub=value`` overrides, and checks
-    what the config refers to: the model definition with its overrides, the DeepSpeed JSON file and,
-    for ``data.dataset: coco``, the image folders and annotation files.
+    """Reads an experiment file (a path, or a shipped name: ``synthetic_tiny``) or the defaults, applies
+    ``key.sub=value`` overrides, and checks what the config refers to: the model definition with its
+    overrides, the DeepSpeed JSON file and, for ``data.dataset: coco``, the image folders and annotation files.
 
     Raises:
         ValueError: one line naming the key (and the file) at fault and what is allowed.
@@ -251,14 +226,14 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Seque
         found = find("configs", path)
         if found is None:
             raise FileNotFoundError(f"experiment config {str(path)!r}: no such file (a relative path is read from "
-                                    f"{Path.cwd()}) and not a shipped name; shipped: {', '.join(shipped_names('configs'))}")
+                                    f"{Path.cwd()}) and not a shipped name; "
+                                    f"shipped: {', '.join(shipped_names('configs'))}")
         path = found
-    values = read_yaml_mapping(path, "experiment config") if path is not None else {}
-    values = apply_overrides(values, parse_overrides(overrides))
+    values = read_config(path, overrides, "experiment config")
     try:
-        config = _build(ExperimentConfig, values, "")
+        config = build(ExperimentConfig, values)
         _check_references(config)
-    except (TypeError, ValueError) as error:
+    except ValueError as error:
         where = f"{path}: " if path is not None else ""
         raise ValueError(f"{where}{error}") from None
     return config
@@ -276,7 +251,8 @@ def _check_references(config: ExperimentConfig) -> None:
             path = Path(getattr(config.data, key))
             is_dir = key.endswith("_images")
             if not (path.is_dir() if is_dir else path.is_file()):
-                raise ValueError(f"data.{key}={str(path)!r}: {'image folder' if is_dir else 'annotation file'} not found")
+                what = "image folder" if is_dir else "annotation file"
+                raise ValueError(f"data.{key}={str(path)!r}: {what} not found")
 
 
 def deepspeed_file(deepspeed: str) -> Path:
@@ -300,45 +276,6 @@ def _check_deepspeed_file(deepspeed: str) -> None:
         raise ValueError(f"deepspeed={deepspeed!r}: expected a JSON object at the top level")
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    reject_unknown_keys(cls, values, prefix.rstrip(".") or "top level", prefix)
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in values.items()}
-    if cls is AGVMConfig:
-        return AGVMConfig.from_dict(kwargs)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    """Checks a YAML value against a field's type hint; YAML lists become tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value or {}, key + ".")
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r}: expected a list")
-        inner = args[0]
-        return tuple(_coerce(inner, v, key) for v in value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}={value!r}: expected a mapping")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{key}={value!r}: expected a finite number")
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"{key}={value!r}: expected {hint.__name__}")
-    return value
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -346,34 +283,3 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     return value
 
-
-def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{key}={value!r}: expected one of {list(choices)}")
-
-
-def _check_int(key: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{key}={value!r}: expected an integer >= {minimum}")
-
-
-def _check_real(key: str, value: Any, low: float, high: float = math.inf, *,
-                open_low: bool = False, open_high: bool = False) -> None:
-    """Refuses anything but a finite number in the interval from ``low`` to ``high``, stating the interval."""
-    if not (
-        _is_real(value) and math.isfinite(value)
-        and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
-    ):
-        if math.isinf(high):
-            allowed = f"{'>' if open_low else '>='} {low:g}"
-        else:
-            allowed = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ValueError(f"{key}={value!r}: expected a finite number {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -318,3 +318,28 @@ def test_phi_plot_says_how_many_micro_batch_gradients_each_point_used():
     assert "M = 2 micro-batch gradients" in _estimate_note(2) and "mostly noise" in _estimate_note(2)
     assert "M = 64" in _estimate_note(64) and "noise" not in _estimate_note(64)
     assert _estimate_note(None) == ""
+
+
+def test_sections_are_pydantic_dataclasses_that_refuse_bools_for_numbers_and_take_ints_for_floats():
+    import dataclasses
+
+    from agvm_ds import AGVMConfig
+    from agvm_ds.engine.config import DataConfig
+
+    assert OptimizerConfig(lr=1).lr == 1.0 and isinstance(OptimizerConfig(lr=1).lr, float)
+    with pytest.raises(ValueError, match=r"^lr=True: expected float \(a finite number > 0\)$"):
+        OptimizerConfig(lr=True)
+    with pytest.raises(ValueError, match=r"^AGVM config: interval=True: expected int \(an integer >= 1\)$"):
+        AGVMConfig(interval=True)
+    data = load_config(None, ["data.scales=[128, 160]"]).data
+    assert data == DataConfig(scales=(128, 160)) and hash(data) == hash(DataConfig(scales=(128, 160)))
+    assert dataclasses.replace(data, max_size=300).max_size == 300
+    with pytest.raises(ValueError, match=r"^max_size=0: expected an integer >= 1$"):
+        dataclasses.replace(data, max_size=0)
+
+
+def test_a_rule_of_a_nested_section_names_the_section():
+    with pytest.raises(ValueError, match=r"^agvm: stop_iter=3 is invalid: expected None or an integer >= start_iter \(5\)$"):
+        load_config(None, ["agvm.start_iter=5", "agvm.stop_iter=3"])
+    with pytest.raises(ValueError, match=r"^optimizer=5: expected a mapping$"):
+        load_config(None, ["optimizer=5"])

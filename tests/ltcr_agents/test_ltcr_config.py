@@ -64,3 +64,45 @@ def test_resolved_config_written_by_a_run_loads_back_equal(tmp_path):
     config = load_config("lunarlander", ["transfer.teacher=return", "per_agent=[{hidden: [8, 8]}]"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_scientific_notation_is_a_float_in_overrides_and_files(tmp_path):
+    assert load_config("cartpole", ["agent.lr=1e-3"]).agent.lr == 0.001
+    path = tmp_path / "run.yaml"
+    path.write_text("agent:\n  lr: 1e-3\n  grad_clip: 5E1\n")
+    agent = load_config(path).agent
+    assert agent.lr == 0.001 and agent.grad_clip == 50.0
+
+
+@pytest.mark.parametrize("agvm_ds_override, ltcr_override, wording", [
+    ("data.batch_size_per_rank=0", "agent.batch_size=0", "{key}=0: expected an integer >= 1"),
+    ("data.batch_size_per_rank=true", "agent.batch_size=true", "{key}=True: expected int (an integer >= 1)"),
+    ("optimizer.lr=0", "agent.lr=0", "{key}=0.0: expected a finite number > 0"),
+    ("optimizer.lr=.inf", "agent.lr=.inf", "{key}=inf: expected a finite number > 0"),
+    ("optimizer.momentum=x", "agent.gamma=x", "{key}='x': expected float (a finite number in ["),
+    ("data.aspect_ratio_grouping=1", "transfer.distill=1", "{key}=1: expected true or false"),
+    ("data.batchsize=2", "agent.batchsize=2", "{section}: unknown key(s) ['{section}.batchsize']; valid keys are ["),
+])
+def test_a_mistake_reads_the_same_in_an_agvm_ds_and_an_ltcr_section(agvm_ds_override, ltcr_override, wording):
+    from agvm_ds.engine import load_config as load_experiment
+
+    for load, override in ((load_experiment, agvm_ds_override), (load_config, ltcr_override)):
+        key = override.partition("=")[0]
+        with pytest.raises(ValueError) as error:
+            load(None, [override])
+        assert str(error.value).startswith(wording.format(key=key, section=key.partition(".")[0])), str(error.value)
+        assert "\n" not in str(error.value)
+
+
+def test_sections_stay_frozen_hashable_dataclasses_with_tuples():
+    import dataclasses
+
+    from ltcr.config import AgentConfig
+
+    agent = load_config("cartpole", ["agent.hidden=[32, 16]"]).agent
+    assert agent.hidden == (32, 16) and hash(agent) == hash(dataclasses.replace(agent))
+    assert dataclasses.asdict(agent)["hidden"] == (32, 16) and dataclasses.replace(agent, lr=0.5).lr == 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        agent.lr = 0.5
+    with pytest.raises(ValueError, match=r"^atoms=True: expected int \(an integer >= 2\)$"):
+        AgentConfig(atoms=True)
