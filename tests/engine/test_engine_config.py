@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agvm_ds.engine import load_config, lr_multiplier, peak_lr
-from agvm_ds.commands.train import main as train_main
-from agvm_ds.engine.config import OptimizerConfig, ScheduleConfig
 from agvm_ds.commands.plot import main as plot_main
+from agvm_ds.commands.train import main as train_main
+from agvm_ds.engine import load_config, lr_multiplier, peak_lr
+from agvm_ds.engine.config import OptimizerConfig, ScheduleConfig
 
 
 def coco_paths(root: Path) -> list[str]:
@@ -30,7 +30,8 @@ def test_every_shipped_experiment_config_loads(tmp_path):
 
 
 def test_overrides_reach_nested_sections_with_yaml_types():
-    config = load_config("configs/synthetic_tiny.yaml", ["agvm.enabled=false", "optimizer.lr=0.1", "data.scales=[128,160]",
+    config = load_config("configs/synthetic_tiny.yaml", ["agvm.enabled=false", "optimizer.lr=0.1",
+                                                         "data.scales=[128,160]",
                                                          "deepspeed_overrides.zero_optimization.stage=3"])
     assert config.agvm.enabled is False and config.optimizer.lr == 0.1 and config.data.scales == (128, 160)
     assert config.deepspeed_overrides == {"zero_optimization": {"stage": 3}}
@@ -39,7 +40,8 @@ def test_overrides_reach_nested_sections_with_yaml_types():
 def test_unknown_key_names_the_file_and_lists_valid_keys(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("optimizer:\n  lrr: 0.1\n")
-    with pytest.raises(ValueError, match=r"exp.yaml: optimizer: unknown key\(s\) \['optimizer.lrr'\]; valid keys are .*'lr'"):
+    with pytest.raises(ValueError,
+                       match=r"exp.yaml: optimizer: unknown key\(s\) \['optimizer.lrr'\]; valid keys are .*'lr'"):
         load_config(path)
 
 
@@ -127,10 +129,13 @@ def test_cosine_decay_reaches_the_floor():
 
 
 def test_plot_command_writes_the_figures(tmp_path, capsys):
-    stats = lambda f: {m: {"factor": f, "phi": 0.1 * f, "noise_scale": 2.0} for m in ("backbone", "fpn")}
+    def stats(f):
+        return {m: {"factor": f, "phi": 0.1 * f, "noise_scale": 2.0} for m in ("backbone", "fpn")}
+
     with open(tmp_path / "train_log.jsonl", "w") as log:
         for it in (5, 10, 15):
-            log.write(json.dumps({"iteration": it, "loss": 1.0 / it, "loss_box_reg": 0.5 / it, "agvm": stats(it / 10)}) + "\n")
+            record = {"iteration": it, "loss": 1.0 / it, "loss_box_reg": 0.5 / it, "agvm": stats(it / 10)}
+            log.write(json.dumps(record) + "\n")
     with open(tmp_path / "eval_log.jsonl", "w") as log:
         log.write(json.dumps({"iteration": 15, "bbox": {"AP": 0.2, "AP50": 0.4}}) + "\n")
     assert plot_main([str(tmp_path)]) == 0
@@ -209,9 +214,11 @@ def test_malformed_yaml_file_is_one_line_naming_it(tmp_path):
 
 
 def test_model_and_model_overrides_are_checked_at_load_time():
-    with pytest.raises(ValueError, match=r"unknown model 'faster_rcnn_r18_tiyn': .*; known models are \[.*'faster_rcnn_r18_tiny'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown model 'faster_rcnn_r18_tiyn': .*; known models are \[.*'faster_rcnn_r18_tiny'"):
         load_config(None, ["model=faster_rcnn_r18_tiyn"])
-    with pytest.raises(ValueError, match=r"model_overrides: unknown key\(s\) \['model_overrides.foo'\]; valid keys are .*'min_size'"):
+    with pytest.raises(ValueError, match=r"model_overrides: unknown key\(s\) \['model_overrides.foo'\]; "
+                                         r"valid keys are .*'min_size'"):
         load_config(None, ["model_overrides.foo=1"])
     with pytest.raises(ValueError, match=r"min_size=8 is invalid"):
         load_config(None, ["model_overrides.min_size=8"])
@@ -290,7 +297,8 @@ def test_configs_models_and_deepspeed_configs_are_found_by_name_from_any_directo
     monkeypatch.chdir(tmp_path)
     config = load_config("synthetic_tiny", ["deepspeed=zero3_bf16", "model=mask_rcnn_r18_tiny"])
     assert config.optimizer.name == "adamw" and deepspeed_config(config)["zero_optimization"]["stage"] == 3
-    assert load_config("configs/synthetic_tiny.yaml").deepspeed == "ds_configs/zero2_fp32.json"  # the file's own path form
+    # the file's own path form
+    assert load_config("configs/synthetic_tiny.yaml").deepspeed == "ds_configs/zero2_fp32.json"
     assert deepspeed_config(load_config("configs/synthetic_tiny.yaml"))["zero_optimization"]["stage"] == 2
     (tmp_path / "mine.yaml").write_text("model: faster_rcnn_r18_tiny\ntrain:\n  epochs: 3\n")
     assert load_config("mine.yaml").train.epochs == 3  # a path is read as given
@@ -308,7 +316,8 @@ def test_evaluation_size_comes_from_the_recipe_and_a_conflicting_model_size_is_r
                                   "model_overrides.max_size=666"])
     assert experiment_spec(agreeing).min_size == 400
     conflicting = load_config(None, ["data.scales=[384,400]", "data.max_size=666", "model_overrides.min_size=192"])
-    with pytest.raises(ValueError, match=r"model_overrides \{'min_size': 192\}.*data.test_size=400 / data.test_max_size=666"):
+    with pytest.raises(ValueError,
+                       match=r"model_overrides \{'min_size': 192\}.*data.test_size=400 / data.test_max_size=666"):
         experiment_spec(conflicting)
 
 
@@ -339,7 +348,8 @@ def test_sections_are_pydantic_dataclasses_that_refuse_bools_for_numbers_and_tak
 
 
 def test_a_rule_of_a_nested_section_names_the_section():
-    with pytest.raises(ValueError, match=r"^agvm: stop_iter=3 is invalid: expected None or an integer >= start_iter \(5\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^agvm: stop_iter=3 is invalid: expected None or an integer >= start_iter \(5\)$"):
         load_config(None, ["agvm.start_iter=5", "agvm.stop_iter=3"])
     with pytest.raises(ValueError, match=r"^optimizer=5: expected a mapping$"):
         load_config(None, ["optimizer=5"])

@@ -22,7 +22,8 @@ def test_overrides_reach_nested_keys_and_per_agent_entries():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("transfer.budget=5", r"transfer: unknown key\(s\) \['transfer.budget'\]; valid keys are \['batch', 'budget_bytes', "),
+    ("transfer.budget=5",
+     r"transfer: unknown key\(s\) \['transfer.budget'\]; valid keys are \['batch', 'budget_bytes', "),
     ("env=Pong-v5", r"env='Pong-v5': unknown environment; expected one of \['Acrobot-v1', 'CartPole-v1', "
                     r"'LunarLander-v3', 'MountainCar-v0'\]"),
     ("agent.gamma=1.5", r"agent.gamma=1.5: expected a finite number in \[0, 1\]"),
