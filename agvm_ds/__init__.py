@@ -1,8 +1,8 @@
 """agvm-ds: large-batch training of dense visual predictors with AGVM on DeepSpeed."""
 from .agvm import (
     AGVM,
-    AGVMConfig,
     MODULE_KEY,
+    AGVMConfig,
     initialize,
     load_checkpoint,
     module_param_groups,

@@ -199,7 +199,8 @@ def killed(bench: Bench) -> dict[str, Any]:
     output, seconds = bench.run("killed_resume", bench.local(2, bench.train_args("killed", "--resume", "auto")))
     tag = f"iter_{STEPS:08d}"
     comparison = compare_checkpoints(bench.out / "straight" / "checkpoints" / tag, run / "checkpoints" / tag)
-    same_metrics = (run / "eval" / "metrics.json").read_text() == (bench.out / "straight" / "eval" / "metrics.json").read_text()
+    straight_metrics = (bench.out / "straight" / "eval" / "metrics.json").read_text()
+    same_metrics = (run / "eval" / "metrics.json").read_text() == straight_metrics
     shutil.rmtree(run / "checkpoints")  # compared: 12 GB each for the 1B, and the disk is finite
     return {"resume_wall_s": round(seconds, 1), "load_s": _load_seconds(output), **comparison,
             "bitwise_equal": not comparison["differing"] and same_metrics, "same_metrics": same_metrics}
@@ -333,10 +334,11 @@ def report(results: dict[str, Any]) -> str:
     lines = []
     if "straight" in results:
         s = results["straight"]
-        lines += [f"- 2 ranks, {STEPS} steps: {s['wall_s']} s wall-clock; step times {s['step_s']} s; resident memory per "
-                  f"rank before the first step {s['start_rss_gb']} GB, peak {s['peak_rss_gb']} GB",
+        lines += [f"- 2 ranks, {STEPS} steps: {s['wall_s']} s wall-clock; step times {s['step_s']} s; resident "
+                  f"memory per rank before the first step {s['start_rss_gb']} GB, peak {s['peak_rss_gb']} GB",
                   f"- checkpoint: {s['checkpoint_gb']} GB in {s['files']} files, saved in {s['save_s']} s",
-                  f"- AGVM factors by iteration: {s['agvm_factors']}", f"- final bbox metrics: AP {s['metrics']['AP']:.4f}"]
+                  f"- AGVM factors by iteration: {s['agvm_factors']}",
+                  f"- final bbox metrics: AP {s['metrics']['AP']:.4f}"]
     if "killed" in results:
         k = results["killed"]
         lines.append(f"- kill -9 after step {KILL_AFTER} + --resume auto (loaded in {k['load_s']} s): "
@@ -345,15 +347,16 @@ def report(results: dict[str, Any]) -> str:
     if "one_rank" in results:
         o = results["one_rank"]
         lines.append(f"- resumed on 1 rank through the universal checkpoint ({o['universal_gb']} GB): iterations "
-                     f"{o['iterations']}, loaded in {o['load_s']} s, peak {o['peak_rss_gb']} GB, {o['wall_s']} s in all")
+                     f"{o['iterations']}, loaded in {o['load_s']} s, peak {o['peak_rss_gb']} GB, "
+                     f"{o['wall_s']} s in all")
     if "evaluate" in results:
         e = results["evaluate"]
         lines.append(f"- agvm-eval: {e['wall_s']} s, bbox AP {e['bbox_AP']:.4f}")
     if "export" in results:
         x = results["export"]
-        lines.append(f"- agvm-export: fp32 {x['fp32']['gb']} GB in {x['fp32']['wall_s']} s, bf16 {x['bf16']['gb']} GB in "
-                     f"{x['bf16']['wall_s']} s; agvm-predict (bf16 file): {x['predict']['detections']} detections in "
-                     f"{x['predict']['wall_s']} s")
+        lines.append(f"- agvm-export: fp32 {x['fp32']['gb']} GB in {x['fp32']['wall_s']} s, "
+                     f"bf16 {x['bf16']['gb']} GB in {x['bf16']['wall_s']} s; agvm-predict (bf16 file): "
+                     f"{x['predict']['detections']} detections in {x['predict']['wall_s']} s")
     if "profile" in results:
         p = results["profile"]
         lines.append("- one profiled step (rank 0, seconds): " + ", ".join(f"{k} {p[k]}" for k in ("step", *REGIONS,

@@ -26,9 +26,10 @@ Printed (and written with ``--json``, rewritten after each size), for each numbe
 (several make a sweep in one process, which stops at the first that runs out of memory): medians
 over ``--steps`` timed rounds after ``--warmup`` of images/s per GPU and step time; peak CUDA memory
 (max_memory_allocated/reserved during the variant's steps, which includes the other variants'
-resident weights and optimizer states: use ``--variants`` for one variant's own peak); MFU = 3 x forward FLOPs per image (``agvm_ds.detection.summary``'s
-counting; activation recomputation not counted) x images/s / the GPU's dense bf16 peak; and paired
-ratios with 95% confidence intervals: images/s agvm-ds / plain, step time AGVM on / AGVM off.
+resident weights and optimizer states: use ``--variants`` for one variant's own peak); MFU = 3 x forward
+FLOPs per image (``agvm_ds.detection.summary``'s counting; activation recomputation not counted) x images/s / the
+GPU's dense bf16 peak; and paired ratios with 95% confidence intervals: images/s agvm-ds / plain, step time
+AGVM on / AGVM off.
 """
 from __future__ import annotations
 
@@ -111,7 +112,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="bf16: torch.autocast bf16 with fp32 weights (the ds_configs' bf16); fp32: no autocast")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2)
-    parser.add_argument("--steps", type=int, default=50, help="timed rounds (each variant one optimizer step per round)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="timed rounds (each variant one optimizer step per round)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
@@ -121,7 +123,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here (rank 0)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="experiment overrides, as agvm-train takes them (e.g. model_overrides.checkpointing=false)")
+                        help="experiment overrides, as agvm-train takes them "
+                             "(e.g. model_overrides.checkpointing=false)")
     args = parser.parse_args(argv)
     if args.size is not None and len(args.size) not in (1, 2):
         parser.error("--size takes H W or a single S")
@@ -186,7 +189,8 @@ def synthetic_micro_batches(spec, settings: Settings, images_per_gpu: int, devic
             corner = torch.rand(BOXES_PER_IMAGE, 2, generator=generator) * (1 - extent)
             scale = torch.tensor([width, height], dtype=torch.float32)
             boxes = torch.cat([corner * scale, (corner + extent) * scale], dim=1)
-            target = {"boxes": boxes, "labels": torch.randint(1, spec.num_classes, (BOXES_PER_IMAGE,), generator=generator)}
+            labels = torch.randint(1, spec.num_classes, (BOXES_PER_IMAGE,), generator=generator)
+            target = {"boxes": boxes, "labels": labels}
             if with_masks:
                 masks = torch.zeros(BOXES_PER_IMAGE, height, width, dtype=torch.uint8)
                 for mask, (x1, y1, x2, y2) in zip(masks, boxes.round().int().tolist()):
@@ -214,7 +218,8 @@ class PlainLoop:
     def __call__(self, micro_batches: list[MicroBatch]) -> None:
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
-            no_sync = self.model.no_sync() if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last else nullcontext()
+            is_ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+            no_sync = self.model.no_sync() if is_ddp and not last else nullcontext()
             with no_sync:
                 with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
                     loss = sum(self.model(batch.images, batch.targets).values())
@@ -251,8 +256,9 @@ def build_variants(names: Sequence[str], settings: Settings, device: torch.devic
         if name == "plain":
             # the same torch.optim optimizer over the same param groups, without the AGVM wrapper
             base = build_optimizer(replica, replica.agvm_modules, config.optimizer, lr, config.agvm).base_optimizer
-            steps[name] = PlainLoop(replica, base, torch.optim.lr_scheduler.LambdaLR(base, schedule),
-                                    ds_config.get("gradient_clipping", 0.0), settings.precision == "bf16", device, world)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(base, schedule)
+            steps[name] = PlainLoop(replica, base, scheduler, ds_config.get("gradient_clipping", 0.0),
+                                    settings.precision == "bf16", device, world)
             continue
         agvm_config = AGVMConfig.from_dict({
             **config.agvm.to_dict(), "enabled": name != "agvm_off", "start_iter": 0,
@@ -260,7 +266,8 @@ def build_variants(names: Sequence[str], settings: Settings, device: torch.devic
         })
         optimizer = build_optimizer(replica, replica.agvm_modules, config.optimizer, lr, agvm_config)
         skips = config.train.max_consecutive_skips if config.train.skip_nonfinite_loss else None
-        steps[name], optimizers[name] = engine_step(build_step_runner(replica, optimizer, ds_config, schedule, skips)), optimizer
+        runner = build_step_runner(replica, optimizer, ds_config, schedule, skips)
+        steps[name], optimizers[name] = engine_step(runner), optimizer
     return steps, optimizers
 
 
@@ -331,7 +338,8 @@ def run(settings: Settings, names: Sequence[str], device: torch.device, peak_tfl
         "forward_gflops_per_image": flops / 1e9,
         "peak_flops": peak,
         "peak_source": peak_source,
-        "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed"), "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed"),
+                     "python": platform.python_version()},
         "runs": [],
     }
     for images_per_gpu in settings.images_per_gpu:
@@ -410,8 +418,9 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [
         f"device: {result['device']}; {result['world_size']} rank(s); torch {result['versions']['torch']}, "
         f"deepspeed {result['versions']['deepspeed']}",
-        f"model {result['model']}{_overrides_text(result['model_overrides'])} at {height}x{width}, {result['accumulation']} "
-        f"micro-batches per step, {result['precision']}, ZeRO-{result['zero_stage']}, {result['optimizer']}; "
+        f"model {result['model']}{_overrides_text(result['model_overrides'])} at {height}x{width}, "
+        f"{result['accumulation']} micro-batches per step, {result['precision']}, ZeRO-{result['zero_stage']}, "
+        f"{result['optimizer']}; "
         f"medians over {result['steps']} rounds after {result['warmup']} warm-up rounds",
         f"forward {result['forward_gflops_per_image']:.1f} GFLOPs/image (agvm_ds.detection.summary; heads at their "
         f"inference RoI numbers); MFU = 3 x that x images/s / peak; peak used: {result['peak_source']}",
@@ -431,7 +440,8 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(
                 f"{images:>7}  {row['label']:<24}{row['images_per_s_per_gpu']:>13.2f}{row['step_time_s']:>9.4f}"
                 f"{_ratio_text(row.get('images_per_s_vs_plain')):>20}{_optional(row['mfu'], '{:.1%}'):>7}"
-                f"{_optional(row['peak_allocated_gib'], '{:.2f}'):>16}{_optional(row['peak_reserved_gib'], '{:.2f}'):>19}"
+                f"{_optional(row['peak_allocated_gib'], '{:.2f}'):>16}"
+                f"{_optional(row['peak_reserved_gib'], '{:.2f}'):>19}"
             )
             if "step_time_vs_agvm_off" in row:
                 overheads.append(f"AGVM overhead at {images} images/GPU, {row['label']} / AGVM off: step time "

@@ -325,7 +325,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     check_batches(batches, micro, args.train_batch)
     torch.manual_seed(config.seed)
     datasets = build_datasets(config.data, with_masks=False, seed=config.seed, is_main=True, barrier=lambda: None)
-    points: list[Point] = []
     model = scratch_model(config, datasets.num_classes)
     modules = list(model.agvm_modules)
     print(f"variance_by_batch: model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "

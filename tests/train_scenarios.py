@@ -73,8 +73,9 @@ def losses_at_two_log_intervals(rank: int, world: int, tmp: str, overrides: list
     records = []
     for interval in (1, 2):
         run = Path(tmp) / f"log_every_{interval}"
-        config = load_config("configs/synthetic_tiny.yaml", [*overrides, f"output_dir={run}", "train.max_iters=4",
-                                                             f"train.log_interval={interval}", "train.eval_interval=100"])
+        config = load_config("configs/synthetic_tiny.yaml",
+                             [*overrides, f"output_dir={run}", "train.max_iters=4", f"train.log_interval={interval}",
+                              "train.eval_interval=100"])
         Trainer(config).fit()
         records.append([json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()])
     return records

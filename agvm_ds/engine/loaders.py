@@ -49,7 +49,9 @@ class Datasets:
         return self.val.num_classes
 
 
-def build_datasets(config: DataConfig, with_masks: bool, seed: int, is_main: bool, barrier: Callable[[], None]) -> Datasets:
+def build_datasets(
+    config: DataConfig, with_masks: bool, seed: int, is_main: bool, barrier: Callable[[], None]
+) -> Datasets:
     """Builds both splits; the synthetic set is generated once, by the main rank, before the others read it."""
     if config.dataset == "synthetic" and is_main:
         _synthetic(config)

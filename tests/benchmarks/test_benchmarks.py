@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -49,7 +49,8 @@ def test_memory_record_of_a_rank_that_raised_says_its_error(tmp_path):
     memory = RankMemory(tmp_path, 0, lambda: 3, interval=60)
     memory.close("ValueError: bad input")
     record = read_record(tmp_path, 0)
-    assert record["status"] == "ValueError: bad input" and record["peak_rss_bytes"] > 0 and record["start_rss_bytes"] > 0
+    assert record["status"] == "ValueError: bad input"
+    assert record["peak_rss_bytes"] > 0 and record["start_rss_bytes"] > 0
     assert describe_death(record, 0) == "rank 0 reported: ValueError: bad input"
     assert describe_death(None, 0) == ""
 
@@ -93,6 +94,7 @@ def test_swinv2_detector_under_zero3_steps_resumes_exactly_and_exports(tmp_path)
 
 def _precondition_under_infinity(rank: int, world_size: int, out_dir: str) -> str:
     import agvm_scenarios as scenarios
+
     from agvm_ds import AGVM, AGVMConfig, module_param_groups
     from agvm_ds.agvm import initialize
 

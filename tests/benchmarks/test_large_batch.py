@@ -128,7 +128,8 @@ def test_runs_select_a_subset_by_name_pattern_and_a_pattern_matching_none_is_an_
 
 def test_agvm_rows_summarise_each_agvm_runs_logged_phi_and_factors_per_module(tmp_path):
     def record(phi, factor):
-        return {"iteration": 1, "agvm": {"backbone": {"factor": 1.0, "phi": phi}, "rpn": {"factor": factor, "phi": phi}}}
+        return {"iteration": 1,
+                "agvm": {"backbone": {"factor": 1.0, "phi": phi}, "rpn": {"factor": factor, "phi": phi}}}
 
     log = tmp_path / "runs/b32_sgd_agvm_s0" / "train_log.jsonl"
     log.parent.mkdir(parents=True)
@@ -151,7 +152,8 @@ def test_a_diverged_run_is_a_result_without_final_ap_and_the_summary_counts_it(t
     assert finished["status"] == "finished" and finished["AP"] == 0.1
     (row,) = large_batch.summarise([diverged, finished])
     assert (row["seeds"], row["diverged"], row["AP"]) == (2, 1, 0.1)  # the mean over the seeds that finished
-    assert large_batch.summarise([diverged])[0]["diverged"] == 1 and math.isnan(large_batch.summarise([diverged])[0]["AP"])
+    (only_diverged,) = large_batch.summarise([diverged])
+    assert only_diverged["diverged"] == 1 and math.isnan(only_diverged["AP"])
 
 
 def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
@@ -176,7 +178,8 @@ def test_smoke_sweep_collects_ap_and_skips_finished_runs_when_started_again(tmp_
     assert config["train"]["gradient_accumulation_steps"] == 16 and config["optimizer"]["lr_scaling"] == "linear"
     assert [r["seeds"] for r in _rows(tmp_path / "summary.csv")] == ["1", "1"]
     assert {(r["run"], r["module"]) for r in _rows(tmp_path / "agvm.csv")} == {
-        (run, module) for run in ("b2_sgd_agvm_s0", "b32_sgd_agvm_s0") for module in ("backbone", "fpn", "rpn", "roi_box_head")}
+        (run, module) for run in ("b2_sgd_agvm_s0", "b32_sgd_agvm_s0")
+        for module in ("backbone", "fpn", "rpn", "roi_box_head")}
     assert (tmp_path / "ap_by_epoch.png").is_file() and (tmp_path / "ap_by_batch.png").is_file()
 
     # variance_by_batch --run measures a run's newest complete checkpoint: its merged fp32 weights

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import train_scenarios
 from distributed import free_port, run_ranks
 from launch_jobs import agvm_train, finish, tiny_overrides
@@ -83,7 +82,8 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path):
         for a, b in zip(_optimizer_partition(tmp_path / "straight", "iter_00000006", rank),
                         _optimizer_partition(killed, "iter_00000006", rank)):
             assert torch.equal(a, b), rank
-    assert (tmp_path / "straight" / "eval" / "metrics.json").read_text() == (killed / "eval" / "metrics.json").read_text()
+    straight_metrics = (tmp_path / "straight" / "eval" / "metrics.json").read_text()
+    assert straight_metrics == (killed / "eval" / "metrics.json").read_text()
     assert torch.equal(straight["agvm"]["modulator"]["factors"], resumed["agvm"]["modulator"]["factors"])
     assert straight["agvm"]["modulator"]["num_updates"] == resumed["agvm"]["modulator"]["num_updates"] > 0
     log = [json.loads(line)["iteration"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
@@ -91,7 +91,8 @@ def test_killed_run_resumes_exactly_on_every_rank(tmp_path):
 
 
 def test_nan_batch_is_skipped_without_poisoning_agvm_or_batchnorm(tmp_path):
-    result = run_ranks(train_scenarios.nan_batch_run, 2, str(tmp_path), tiny_overrides(tmp_path / "run", tmp_path / "data"))
+    overrides = tiny_overrides(tmp_path / "run", tmp_path / "data")
+    result = run_ranks(train_scenarios.nan_batch_run, 2, str(tmp_path), overrides)
     for rank_result in result:
         assert rank_result["skipped"] == 1  # rank 1's NaN skipped the micro-batch on both ranks
         assert rank_result["params_finite"] and rank_result["factors_finite"]
@@ -177,10 +178,12 @@ def test_a_failed_start_leaves_no_shared_memory(tmp_path):
     bad.write_text('{"images": [')
     port = free_port()
     args = ["--config", "configs/synthetic_tiny.yaml", "data.dataset=coco", f"data.train_images={tmp_path}",
-            f"data.val_images={tmp_path}", f"data.train_ann={bad}", f"data.val_ann={bad}", f"output_dir={tmp_path / 'run'}"]
+            f"data.val_images={tmp_path}", f"data.train_ann={bad}", f"data.val_ann={bad}",
+            f"output_dir={tmp_path / 'run'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module",
-                              "agvm_ds.commands.train", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                              "agvm_ds.commands.train", *args],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode != 0 and "bad.json" in process.stdout + process.stderr
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
