@@ -19,10 +19,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..data import CocoDetection, build_detection_loader, build_transforms
-from ..evaluation import CocoEvaluator, format_coco_summary
 from ..engine.loaders import val_split
 from ..engine.model_spec import trains_masks
 from ..engine.trained_run import TrainedRun, command_parser, trained_detector
+from ..errors import add_exit_codes, run_command
+from ..evaluation import CocoEvaluator, format_coco_summary
 
 __all__ = ["evaluate_run", "main"]
 
@@ -64,19 +65,19 @@ def _dataset(run: TrainedRun, images: Optional[str], ann: Optional[str], with_ma
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = command_parser("agvm-eval", __doc__)
+    parser = add_exit_codes(command_parser("agvm-eval", __doc__))
     parser.add_argument("--ann", help="annotation file of another COCO-format set (with --images)")
     parser.add_argument("--images", help="image folder of that set")
     parser.add_argument("--out", help="where results and metrics go (default: RUN_DIR/eval_<tag>)")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         metrics = evaluate_run(args.run_dir, args.checkpoint, args.ann, args.images, args.out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"agvm-eval: {error}", file=sys.stderr)
-        return 2
-    for iou_type, values in metrics.items():
-        print(f"{iou_type}:\n{format_coco_summary(values)}")
-    return 0
+        for iou_type, values in metrics.items():
+            print(f"{iou_type}:\n{format_coco_summary(values)}")
+        return 0
+
+    return run_command("agvm-eval", run)
 
 
 if __name__ == "__main__":

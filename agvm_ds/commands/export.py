@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 
 from ..detection.weights import EXPORT_DTYPES, save_detector
 from ..engine.trained_run import TrainedRun, command_parser, consolidated_state_dict
+from ..errors import add_exit_codes, run_command
 
 __all__ = ["export", "main"]
 
@@ -32,18 +33,18 @@ def export(run_dir: Union[str, Path], out: Union[str, Path], tag: Optional[str] 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = command_parser("agvm-export", __doc__)
+    parser = add_exit_codes(command_parser("agvm-export", __doc__))
     parser.add_argument("--out", required=True, help="the .safetensors file to write")
     parser.add_argument("--dtype", choices=tuple(EXPORT_DTYPES), default="fp32",
                         help="the stored weights' precision (bf16: half the file; loaded back into fp32)")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         out = export(args.run_dir, args.out, args.checkpoint, args.dtype)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"agvm-export: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.dtype})")
-    return 0
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {args.dtype})")
+        return 0
+
+    return run_command("agvm-export", run)
 
 
 if __name__ == "__main__":

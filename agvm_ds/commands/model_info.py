@@ -15,6 +15,7 @@ from typing import Iterable, Optional, Sequence
 from ..config_checks import parse_overrides
 from ..detection import ModelSpec, build_detector, load_spec, memory
 from ..detection.summary import forward_flops, parameter_counts, roi_counts
+from ..errors import add_exit_codes, run_command
 from ..resources import find, shipped_names
 
 __all__ = ["main"]
@@ -36,7 +37,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="override a spec key (dotted for nested keys; VALUE is YAML), e.g. --set num_classes=5",
     )
     _add_plan_arguments(parser.add_argument_group("memory plan (--plan)"))
-    args = parser.parse_args(argv)
+    args = add_exit_codes(parser).parse_args(argv)
     if args.size is not None and len(args.size) not in (1, 2):
         parser.error("--size takes H W or a single S")
     if args.ds_config and (args.stage or args.precision or args.offload or args.offload_param):
@@ -68,11 +69,11 @@ def _add_plan_arguments(group: argparse._ArgumentGroup) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
-    try:
-        spec = load_spec(args.model, parse_overrides(args.overrides))
-    except (FileNotFoundError, ValueError) as error:
-        print(f"agvm-model-info: {error}", file=sys.stderr)
-        return 2
+    return run_command("agvm-model-info", lambda: _model_info(args))
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    spec = load_spec(args.model, parse_overrides(args.overrides))
     if args.size is None:
         min_sizes = spec.min_size if isinstance(spec.min_size, tuple) else (spec.min_size,)
         size = (min(min_sizes), spec.max_size)
@@ -101,15 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _print_plan(args: argparse.Namespace, spec: ModelSpec, size: tuple[int, int]) -> int:
-    """Prints the memory plan table; bad input is one error line and exit status 2."""
-    try:
-        setups = [setup for per_world in zip(*(_setups(args, world) for world in args.world)) for setup in per_world]
-        if min(args.images) < 1 or min(args.gpu_memory) <= 0 or args.reserve < 0:
-            raise ValueError(f"--images {args.images}, --gpu-memory {args.gpu_memory}, --reserve {args.reserve}: "
-                             "expected images >= 1, GPU memory > 0 and a reserve >= 0")
-    except (FileNotFoundError, ValueError) as error:
-        print(f"agvm-model-info: {error}", file=sys.stderr)
-        return 2
+    """Prints the memory plan table; bad input raises ValueError (one error line and exit status 2)."""
+    setups = [setup for per_world in zip(*(_setups(args, world) for world in args.world)) for setup in per_world]
+    if min(args.images) < 1 or min(args.gpu_memory) <= 0 or args.reserve < 0:
+        raise ValueError(f"--images {args.images}, --gpu-memory {args.gpu_memory}, --reserve {args.reserve}: "
+                         "expected images >= 1, GPU memory > 0 and a reserve >= 0")
     checkpointing = [c == "on" for c in args.checkpointing] if args.checkpointing else [spec.checkpointing]
     stats = memory.param_stats(build_detector(spec, device="meta"))
     rows = memory.plan(spec, setups, args.images, size, checkpointing, args.gpus_per_node, stats)

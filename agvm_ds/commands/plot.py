@@ -5,6 +5,7 @@ import argparse
 from typing import Optional, Sequence
 
 from ..engine import plots
+from ..errors import add_exit_codes, run_command
 
 __all__ = ["main"]
 
@@ -13,10 +14,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="agvm-plot", description=plots.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run's output_dir (holds train_log.jsonl / eval_log.jsonl)")
-    args = parser.parse_args(argv)
-    for path in plots.plot_run(args.run_dir):
-        print(path)
-    return 0
+    args = add_exit_codes(parser).parse_args(argv)
+
+    def run() -> int:
+        for path in plots.plot_run(args.run_dir):
+            print(path)
+        return 0
+
+    return run_command("agvm-plot", run)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from ..data.coco import ImageReadError, read_rgb
 from ..detection.weights import load_detector
 from ..engine.trained_run import TrainedRun, command_parser, trained_detector
+from ..errors import add_exit_codes, run_command
 
 __all__ = ["IMAGE_SUFFIXES", "image_files", "load_model", "main", "predict_image"]
 
@@ -96,16 +97,17 @@ def _image_id(path: Path) -> Union[int, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = command_parser("agvm-predict", __doc__, "model", "a run directory or an agvm-export .safetensors file")
+    parser = add_exit_codes(command_parser("agvm-predict", __doc__, "model",
+                                           "a run directory or an agvm-export .safetensors file"))
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="folder for NAME.json and NAME.png per image")
     parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0.5)")
     args = parser.parse_args(argv)
-    try:
-        model = load_model(args.model, args.checkpoint)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"agvm-predict: {error}", file=sys.stderr)
-        return 2
+    return run_command("agvm-predict", lambda: _predict(args))
+
+
+def _predict(args) -> int:
+    model = load_model(args.model, args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files, failed = image_files(args.images), []

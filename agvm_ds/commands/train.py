@@ -1,7 +1,8 @@
 """``agvm-train``: train a detector from an experiment config, on one process or many.
 
     agvm-train --config configs/synthetic_tiny.yaml [--resume auto] [key.sub=value ...]
-    deepspeed --num_gpus 8 --no_local_rank --module agvm_ds.commands.train --config configs/coco_faster_rcnn_r50_bs256.yaml
+    deepspeed --num_gpus 8 --no_local_rank --module agvm_ds.commands.train \
+        --config configs/coco_faster_rcnn_r50_bs256.yaml
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m agvm_ds.commands.train ...
     srun python -m agvm_ds.commands.train --launcher slurm ...
 
@@ -9,30 +10,42 @@ Run as a single process (no launcher), it sets up a world of one on its own. ``-
 maps the Slurm task's SLURM_* variables to the ones torch.distributed reads. ``--print-config``
 prints the resolved configuration; ``--dry-run`` prints the configuration, the model, the DeepSpeed
 config and the world layout (of this launch, or of ``--hostfile``/``--num-gpus``), and exits.
+
+A run holds its output_dir (``run.lock``) while it trains: a second job on it is refused. A resume
+may change epochs, intervals and the lr schedule, not the model, the optimizer or the classes
+(each start is kept in ``config_history.jsonl``). See docs/faults.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import time
 from typing import Optional, Sequence
 
 from ..engine.config import ExperimentConfig, load_config
 from ..engine.distributed import single_process_world
 from ..engine.model_spec import experiment_spec
 from ..engine.world import World, hostfile_world, launcher_world, local_world, slurm_environment, slurm_world
+from ..errors import ExitCode, OutsideFault, PeerFailed, add_exit_codes, classify, report
 
 __all__ = ["EXIT_DIVERGED", "main", "dry_run_report"]
 
 #: Exit status of a run stopped by ``train.max_consecutive_skips``: a result of its recipe (a sweep
 #: records it as diverged), not a failure of the program (1) or of its input (2).
-EXIT_DIVERGED = 3
+EXIT_DIVERGED = int(ExitCode.DIVERGED)
+PROG = "agvm-train"
 
 #: Where each rank's memory record lives, under the run directory (``rank_memory``).
 RANK_RECORDS = "ranks"
+#: How long a rank whose collective failed waits before asking again which peers are gone (a peer
+#: that failed on its own is still reporting its error when the others notice), and before it exits
+#: (so that the launcher, which exits with the status of the first rank to end, reports the cause).
+PEER_EXIT_GRACE_S = 2.0
 
 NUM_CLASSES_NOTE = ("num_classes: taken from the data set at start-up (its categories + 1 background); "
                     "the model file's value ({}) is only a default")
@@ -56,6 +69,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     layout.add_argument("--num-gpus", "--num_gpus", type=int, default=0, help="ranks per node")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_exit_codes(parser)
     args = parser.parse_intermixed_args(argv)
     if not args.dry_run and (args.hostfile or args.num_nodes or args.num_gpus):
         parser.error("--hostfile/--num-nodes/--num-gpus describe a launch for --dry-run; "
@@ -103,16 +117,21 @@ def dry_run_report(config: ExperimentConfig, world: World) -> str:
 
 
 def _user_error(error: Exception, every_rank: bool) -> int:
-    """One line, no traceback, exit code 2."""
-    _say(error, every_rank)
-    return 2
+    """One line naming the cause (no traceback unless --debug) and its exit code (``agvm_ds.errors``);
+    an error that is a bug is re-raised with its traceback.
 
-
-def _say(error: Exception, every_rank: bool) -> None:
-    """Config errors are the same on every rank, so rank 0 says them once; a failure while building
-    the run may be one rank's own, so each failing rank says it."""
+    Config errors are the same on every rank, so rank 0 says them once; a failure while building or
+    training the run may be one rank's own, so each failing rank says it, prefixed by its rank."""
     if every_rank or int(os.environ.get("RANK", "0")) == 0:
-        print(f"agvm-train: {error}", file=sys.stderr, flush=True)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        code = report(PROG, error, f"rank {os.environ.get('RANK', '0')}: " if world > 1 else "")
+        if code == ExitCode.PEER_FAILED:  # let the rank that failed first end first: launchers exit with its status
+            time.sleep(PEER_EXIT_GRACE_S)
+        return code
+    known = classify(error)
+    if known is None:
+        raise error
+    return int(known[0])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -146,15 +165,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         trainer = Trainer(config, resume=args.resume)
-    except (ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - a bug is re-raised with its traceback
         return _user_error(error, every_rank=True)
     try:
         metrics = _fit_or_name_lost_ranks(trainer)
     except TrainingDiverged as error:  # the same on every rank: rank 0 says it
-        _say(error, every_rank=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
-    if metrics is None:
-        return 1
+    except Exception as error:  # noqa: BLE001 - a bug is re-raised with its traceback
+        return _user_error(error, every_rank=True)
     if trainer.is_main:
         print(json.dumps({"final": metrics}))
     import deepspeed.comm as dist
@@ -171,15 +191,15 @@ def _raise_terminated(signum: int, frame) -> None:
     raise _Terminated(signal.Signals(signum).name)
 
 
-def _fit_or_name_lost_ranks(trainer) -> Optional[dict]:
-    """``trainer.fit()``; if it fails because ranks died, one line naming them and None.
+def _fit_or_name_lost_ranks(trainer) -> dict:
+    """``trainer.fit()``; if it fails because ranks died, PeerFailed naming them.
 
     Each rank records its memory in the run directory while it trains, so a peer that vanished
     without an error of its own (the out-of-memory killer's SIGKILL) is named with its last memory.
-    A failure with every peer alive is re-raised (a bug keeps its traceback).
+    A failure with every peer alive is re-raised: an outside fault of this rank is reported as one
+    line, a bug keeps its traceback. A collective that failed because a peer is exiting (it is
+    still printing its own error) is probed again a moment later.
     """
-    from tqdm import tqdm
-
     from ..engine.peers import PeerWatch
     from ..engine.rank_memory import RankMemory, describe_death, read_record
 
@@ -192,17 +212,22 @@ def _fit_or_name_lost_ranks(trainer) -> Optional[dict]:
     except Exception as error:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        memory.close(f"{type(error).__name__}: {cause}")
+        with contextlib.suppress(OSError):  # the record is a witness: a full disk must not hide the cause
+            memory.close(f"{type(error).__name__}: {cause}")
+        if isinstance(error, OutsideFault):  # this rank's own outside cause, or a peer failure it has named
+            raise
         lost = peers.lost_ranks() if peers is not None else []
+        if not lost and peers is not None and (classify(error) or (None,))[0] == ExitCode.PEER_FAILED:
+            time.sleep(PEER_EXIT_GRACE_S)
+            lost = peers.lost_ranks()
         if not lost and isinstance(error, _Terminated):
             raise SystemExit(128 + signal.SIGTERM) from None
         if not lost:
             raise
         deaths = "; ".join(filter(None, (describe_death(read_record(records, r), r) for r in lost)))
-        tqdm.write(f"agvm-train: rank {trainer.rank}: rank(s) {', '.join(map(str, lost))} of {trainer.world} died "
-                   f"(their process is gone), so the job stops ({cause}); restart it with --resume auto"
-                   + (f". {deaths}" if deaths else ""), file=sys.stderr)
-        return None
+        raise PeerFailed(f"rank(s) {', '.join(map(str, lost))} of {trainer.world} died (their process is gone), so "
+                         f"the job stops ({cause}); restart it with --resume auto"
+                         + (f". {deaths}" if deaths else "")) from error
     memory.close("finished")
     return metrics
 

@@ -18,10 +18,11 @@ import os
 from typing import Any, Mapping, Sequence, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import CorruptFile
 from .detectors import build_detector
 from .spec import ModelSpec
 
@@ -53,12 +54,21 @@ def load_detector(path: PathLike, device: Union[str, torch.device] = "cpu") -> n
     images to the size evaluation used in training. ``model.categories[label - 1]`` is a label's
     COCO category (``id``, ``name``). Needs torch, torchvision, timm and safetensors, not DeepSpeed.
     """
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        header = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an agvm-ds detector file (its metadata has no format={FORMAT!r}; "
-                             "write one with agvm-export)")
-        state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = {key: json.loads(value) for key, value in (f.metadata() or {}).items()}
+            if header.get("format") != FORMAT:
+                raise CorruptFile(f"{path}: not an agvm-ds detector file (its metadata has no format={FORMAT!r}; "
+                                  "write one with agvm-export)")
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (expected a .safetensors file written by agvm-export)") from None
+    except (SafetensorError, json.JSONDecodeError) as error:
+        raise CorruptFile(f"{path}: not a readable safetensors file ({error}; {_size(path)}): expected a detector "
+                          "written by agvm-export; the file may be truncated, export it again") from None
+    missing = [key for key in ("spec", "categories") if key not in header]
+    if missing:
+        raise CorruptFile(f"{path}: its metadata lacks {', '.join(missing)} (expected an agvm-export file)")
     model = detector_from_state_dict(state_dict, ModelSpec.from_dict(header["spec"]), header["categories"])
     return model.to(device)
 
@@ -73,3 +83,7 @@ def detector_from_state_dict(state_dict: Mapping[str, torch.Tensor], spec: Model
     model.load_state_dict(dict(state_dict), strict=True)
     model.categories = [dict(c) for c in categories]
     return model.eval()
+
+
+def _size(path: PathLike) -> str:
+    return f"{os.path.getsize(path)} bytes"

@@ -12,6 +12,11 @@ then replaces ``latest`` atomically. ``--resume auto`` takes the newest tag whos
 manifest and says which incomplete ones it passed over, so a truncated or half-written checkpoint
 falls back to the previous complete one instead of failing deep inside ``torch.load``.
 
+Each tag also records the config it was trained with (``<tag>/config.json``), which a resume
+compares with the new one (:mod:`agvm_ds.engine.run_start`). A save that fails (a full disk, a
+read-only mount) removes its partial tag, leaves ``latest`` on the previous complete one, and raises
+one line naming the tag, the cause and how much space a checkpoint of the run takes.
+
 A checkpoint written by another number of ranks under ZeRO 1-3 holds the optimizer state in shards
 of the old layout; it is converted once, by rank 0, with DeepSpeed's ``ds_to_universal`` into
 ``<tag>_universal`` and loaded as a universal checkpoint (``checkpoint.load_universal``). The AGVM
@@ -20,8 +25,8 @@ state and the trainer's position travel in the client state, which the conversio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import shutil
 import time
 import zipfile
@@ -30,11 +35,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..agvm import load_checkpoint, save_checkpoint
+from ..errors import CorruptFile, ExitCode, FileAccessFailed, NoSpace, PeerFailed, classify
+from .files import write_atomically
 
-__all__ = ["CHECKPOINT_DIR", "Checkpoint", "resolve_resume", "save", "load", "with_universal_load"]
+__all__ = ["CHECKPOINT_DIR", "RECORDED_CONFIG", "Checkpoint", "resolve_resume", "save", "load", "with_universal_load"]
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+#: the config a tag was trained with (the trainer's client state ``config``), beside its manifest
+RECORDED_CONFIG = "config.json"
+#: less free space than this after a failed write means the disk was full
+_FULL_BELOW_BYTES = 1 << 20
 LATEST = "latest"
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -89,16 +100,68 @@ def save(engine, run_dir: Path, iteration: int, client_state: dict[str, Any], ke
     directory = run_dir / CHECKPOINT_DIR
     tag = f"iter_{iteration:08d}"
     layout = {"world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
-    if is_main:  # a tag saved again (after a fallback) is incomplete until its new manifest is written
-        (directory / tag / MANIFEST).unlink(missing_ok=True)
     started = time.perf_counter()
-    save_checkpoint(engine, str(directory), tag=tag, client_state=client_state, save_latest=False)
-    if is_main:  # DeepSpeed's save ends with a barrier: every rank's files are on disk
-        _write_manifest(directory / tag, {**layout, "save_seconds": round(time.perf_counter() - started, 3)})
-        _write_atomically(directory / LATEST, tag)
+    try:
+        if is_main:  # a tag saved again (after a fallback) is incomplete until its new manifest is written
+            (directory / tag / MANIFEST).unlink(missing_ok=True)
+        save_checkpoint(engine, str(directory), tag=tag, client_state=client_state, save_latest=False)
+        if is_main:  # DeepSpeed's save ends with a barrier: every rank's files are on disk
+            if "config" in client_state:
+                write_atomically(directory / tag / RECORDED_CONFIG, json.dumps(client_state["config"], indent=2))
+            _write_manifest(directory / tag, {**layout, "save_seconds": round(time.perf_counter() - started, 3)})
+            write_atomically(directory / LATEST, tag)
+    except (OSError, RuntimeError) as error:
+        raise _save_failed(error, directory / tag, is_main) from error
+    if is_main:
         _prune(directory, keep)
     dist.barrier()
     return directory
+
+
+def _save_failed(error: Exception, tag_dir: Path, is_main: bool) -> Exception:
+    """The one-line error for a failed save of ``tag_dir``.
+
+    The tag has no manifest, so it is never resumed from; rank 0 also removes it, since it holds the
+    space the next try needs. Only rank 0 removes it, so another rank whose files vanish meanwhile
+    knows that rank 0's save failed (and rank 0 names the cause)."""
+    known = classify(error)
+    if known is not None and known[0] == ExitCode.PEER_FAILED:
+        return error  # another rank failed; it reports its own cause
+    if not is_main and not tag_dir.is_dir():
+        return PeerFailed(f"checkpoint {tag_dir} was removed while this rank wrote it: rank 0's save failed")
+    written, free = _bytes_under(tag_dir), None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(tag_dir.parent).free
+    if is_main:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    previous = _newest_complete(tag_dir.parent, required=False)
+    if previous is None:
+        need, fallback = f"at least {_mb(written)}, written before it failed", "there is no complete checkpoint yet"
+    else:
+        size = sum(json.loads((previous.path / MANIFEST).read_text())["files"].values())
+        need = f"about {_mb(size)}, the size of {previous.tag}"
+        fallback = f"--resume auto continues from {previous.path}"
+    partial = "removed" if is_main else "left without a manifest (never resumed from)"
+    line = f"checkpoint {tag_dir} could not be written: {{}}; the partial checkpoint was {partial} and {fallback}"
+    if (known is not None and known[0] == ExitCode.NO_SPACE) or (free is not None and free < _FULL_BELOW_BYTES):
+        available = "" if free is None else f"{_mb(free)} free, "
+        return NoSpace(line.format(f"no space left on the device ({available}a checkpoint of this run needs {need})"))
+    return FileAccessFailed(line.format(known[1] if known is not None else str(error).strip().splitlines()[0]))
+
+
+def _bytes_under(directory: Path) -> int:
+    """What the files under ``directory`` hold, as far as they are still there (rank 0 may be
+    removing them)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for path in directory.rglob("*"):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def load(engine, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -115,8 +178,10 @@ def load(engine, checkpoint: Checkpoint) -> dict[str, Any]:
     hyperparameters = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in engine.optimizer.param_groups]
     try:
         _, client_state = load_checkpoint(engine, str(checkpoint.directory), tag=tag)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise RuntimeError(f"checkpoint {checkpoint.directory / tag} could not be loaded: {error}") from error
+    except (RuntimeError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptFile(f"checkpoint {checkpoint.directory / tag} could not be loaded ({first}): expected the "
+                          f"DeepSpeed state of this run's model and optimizer") from error
     if universal:
         _load_buffers(engine.module, checkpoint.path)
         # ZeRO-3's universal load copies group 0's hyper-parameters into every group
@@ -207,16 +272,7 @@ def _write_manifest(tag_dir: Path, layout: dict[str, int]) -> None:
     """Marks ``tag_dir`` complete: the ranks that wrote it, and every file's size."""
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    _write_atomically(tag_dir / MANIFEST, json.dumps({**layout, "files": files}, indent=1))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(tag_dir / MANIFEST, json.dumps({**layout, "files": files}, indent=1))
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:

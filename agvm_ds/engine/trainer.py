@@ -8,7 +8,6 @@ epoch ends evaluate and plot. The pieces are built by ``builders``, which the be
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from .optim import build_optimizer, describe
 from .plots import plot_run
 from .rank_memory import return_freed_tensors_at_once
 from .run_log import RunLog
+from .run_start import start_run
 from .schedule import lr_multiplier, peak_lr
 from .step import MicroBatch, StepResult, TrainingDiverged
 
@@ -60,9 +60,13 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.run_dir = Path(config.output_dir)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        ds_config = deepspeed_config(config)
+        checkpoint = checkpointing.resolve_resume(resume, self.run_dir)
+        # the lock, a resume's config check and the config record, before anything is loaded or written
+        started = start_run(self.run_dir, config, checkpoint, ds_config, self.is_main)
+        self.run_lock = started.lock
+        for note in started.notes:
+            self._info(note)
         torch.manual_seed(config.seed)
         if not torch.cuda.is_available():
             torch.set_num_threads(_cpu_threads_per_rank(self.world))
@@ -75,8 +79,6 @@ class Trainer:
         self.train_loader = TrainLoaders(self.datasets, config.data, self.rank, self.world, config.seed)
         model = build_model(config, self.datasets.num_classes)
 
-        ds_config = deepspeed_config(config)
-        checkpoint = checkpointing.resolve_resume(resume, self.run_dir)
         if checkpoint is not None and checkpoint.needs_universal_load(self.world, ds_config):
             ds_config = checkpointing.with_universal_load(ds_config)
         self.gas = ds_config["gradient_accumulation_steps"]
