@@ -30,7 +30,8 @@ __all__ = ["evaluate_run", "main"]
 
 @torch.no_grad()
 def evaluate_run(run_dir: Union[str, Path], tag: Optional[str] = None, ann: Optional[str] = None,
-                 images: Optional[str] = None, out_dir: Optional[Union[str, Path]] = None) -> dict[str, dict[str, float]]:
+                 images: Optional[str] = None,
+                 out_dir: Optional[Union[str, Path]] = None) -> dict[str, dict[str, float]]:
     """COCO metrics ``{iou_type: {"AP": ..., ...}}`` of checkpoint ``tag`` (default: the newest complete one).
 
     Writes ``results_<iou>.json``, ``metrics_<iou>.txt`` and ``metrics.json`` under ``out_dir``
@@ -53,7 +54,8 @@ def evaluate_run(run_dir: Union[str, Path], tag: Optional[str] = None, ann: Opti
 def _dataset(run: TrainedRun, images: Optional[str], ann: Optional[str], with_masks: bool) -> CocoDetection:
     """The run's validation split, or another COCO set whose category ids are the model's."""
     if (images is None) != (ann is None):
-        raise ValueError("give both --images and --ann (another COCO-format set), or neither (the run's validation set)")
+        raise ValueError("give both --images and --ann (another COCO-format set), or neither "
+                         "(the run's validation set)")
     if ann is None:
         images, ann = val_split(run.config.data)
     dataset = CocoDetection(images, ann, build_transforms(False, run.config.data.recipe), with_masks=with_masks)

@@ -31,7 +31,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--size", type=int, nargs="+", metavar="S",
         help="network input size: H W, or S for S x S (default: smallest min_size x max_size)",
     )
-    parser.add_argument("--meta", action="store_true", help="build on the meta device: no memory, no weights (huge models)")
+    parser.add_argument("--meta", action="store_true",
+                        help="build on the meta device: no memory, no weights (huge models)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a spec key (dotted for nested keys; VALUE is YAML), e.g. --set num_classes=5",

@@ -54,7 +54,8 @@ def image_files(paths: Iterable[Union[str, Path]]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict_image(model: torch.nn.Module, path: Path, score_threshold: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def predict_image(model: torch.nn.Module, path: Path,
+                  score_threshold: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The decoded uint8 image and the model's detections with ``score >= score_threshold``."""
     image = read_rgb(path)
     output = model([to_dtype(image, torch.float32, scale=True)])[0]
@@ -62,7 +63,8 @@ def predict_image(model: torch.nn.Module, path: Path, score_threshold: float) ->
     return image, {k: v[keep] for k, v in output.items()}
 
 
-def coco_results(detections: dict[str, torch.Tensor], categories: Sequence[dict[str, Any]], image_id: Any) -> list[dict[str, Any]]:
+def coco_results(detections: dict[str, torch.Tensor], categories: Sequence[dict[str, Any]],
+                 image_id: Any) -> list[dict[str, Any]]:
     """One image's detections as COCO results, with each category's name."""
     boxes = detections["boxes"].to(torch.float64)
     boxes[:, 2:] -= boxes[:, :2]
@@ -78,7 +80,8 @@ def coco_results(detections: dict[str, torch.Tensor], categories: Sequence[dict[
     return results
 
 
-def drawn(image: torch.Tensor, detections: dict[str, torch.Tensor], categories: Sequence[dict[str, Any]]) -> torch.Tensor:
+def drawn(image: torch.Tensor, detections: dict[str, torch.Tensor],
+          categories: Sequence[dict[str, Any]]) -> torch.Tensor:
     """``image`` with masks, boxes and ``name score`` labels drawn, one colour per class."""
     palette = [tuple(int(c) for c in np.random.default_rng(i).integers(64, 256, 3)) for i in range(len(categories) + 1)]
     colors = [palette[label] for label in detections["labels"].tolist()]
@@ -101,7 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            "a run directory or an agvm-export .safetensors file"))
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--out", required=True, help="folder for NAME.json and NAME.png per image")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="keep detections scoring at least this (0.5)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="keep detections scoring at least this (0.5)")
     args = parser.parse_args(argv)
     return run_command("agvm-predict", lambda: _predict(args))
 

@@ -147,7 +147,8 @@ class Trainer:
             f"{self.datasets.num_classes} categories); {training_size}, evaluation images to {_sizes(spec)}; "
             f"{self.world} rank(s) x {self.config.data.batch_size_per_rank} images x "
             f"{self.gas} accumulation = batch {self.global_batch}; peak lr {lr:.4g}; {self.steps_per_epoch} "
-            f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, {self._precision()}; "
+            f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, "
+            f"{self._precision()}; "
             f"AGVM {'on' if self.config.agvm.enabled else 'off'}"
         )
 

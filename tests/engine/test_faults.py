@@ -216,6 +216,25 @@ def test_fixed_keys_are_refused_each_named_and_the_others_are_listed():
     assert changes.describe_allowed() == "train.epochs 4 -> 8"
 
 
+def test_the_classes_are_fixed_when_the_annotation_files_change_and_a_moved_data_set_may_resume(tmp_path):
+    from agvm_ds.engine.run_start import _comparable
+
+    def coco(name: str, categories: list[dict]) -> dict:
+        path = tmp_path / name
+        path.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+        return _config(data__dataset="coco", data__val_ann=str(path), data__train_ann=str(path))
+
+    shapes = [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}]
+    trained, moved = coco("trained.json", shapes), coco("moved.json", shapes)
+    other = coco("other.json", [{"id": 1, "name": "square"}, {"id": 2, "name": "hexagon"}])
+    changes = run_config.compare(*_comparable(trained, 2, other, 2))
+    assert changes.fixed == {"data.classes": (["1:square", "2:disc"], ["1:square", "2:hexagon"])}
+    assert not run_config.compare(*_comparable(trained, 2, moved, 2)).fixed
+    (tmp_path / "trained.json").unlink()  # the checkpoint's annotation file is gone: its classes are unknown
+    assert not run_config.compare(*_comparable(trained, 2, other, 2)).fixed
+    assert run_config.compare(*_comparable(moved, 2, moved, 3)).fixed == {"deepspeed.zero_stage": (2, 3)}
+
+
 def test_every_accepted_start_is_kept_in_the_history(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_config()))  # a run from before the history existed
     changes = run_config.compare(_config(), _config(train__epochs=8))
@@ -238,7 +257,8 @@ def test_a_truncated_run_config_is_named_by_the_commands_that_read_it(tmp_path, 
     (tmp_path / "config.json").write_text(json.dumps(_config(), indent=2)[:300])
     assert evaluate.main([str(tmp_path)]) == ExitCode.BAD_INPUT
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"agvm-eval: experiment config {tmp_path / 'config.json'}: not valid")
+    assert err.count("\n") == 1
+    assert err.startswith(f"agvm-eval: experiment config {tmp_path / 'config.json'}: not valid")
 
 
 # --- exported weights -----------------------------------------------------------------------------
