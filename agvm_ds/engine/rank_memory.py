@@ -99,8 +99,11 @@ class RankMemory:
                   "host_available_bytes": available, "time": time.time()}
         with self._lock:
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.path)
+            try:
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, self.path)
+            except OSError:  # a full or read-only disk: the training's own save reports it, in one line
+                tmp.unlink(missing_ok=True)
 
     def close(self, status: str) -> None:
         """Stops sampling and records how this rank ended (``finished``, or the error it raised)."""

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch_jobs import agvm_train, finish, tiny_overrides
 from PIL import Image
 
-from agvm_ds.data.synthetic import CATEGORIES
 from agvm_ds.commands import evaluate, export, predict
-from launch_jobs import agvm_train, finish, tiny_overrides
+from agvm_ds.data.synthetic import CATEGORIES
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,12 @@ def test_eval_in_one_process_equals_the_two_rank_runs_own_evaluation(run, tmp_pa
 def test_eval_of_a_zero3_checkpoint_in_one_process_equals_the_runs_own(tmp_path):
     """ZeRO-3 keeps no whole parameter anywhere: the weights come only from merging the 2 ranks' partitions."""
     run = tmp_path / "run"
-    finish(agvm_train(["--config", "configs/synthetic_tiny.yaml", "deepspeed=zero3_bf16", "deepspeed_overrides.torch_autocast.enabled=false",
+    finish(agvm_train(["--config", "configs/synthetic_tiny.yaml", "deepspeed=zero3_bf16",
+                       "deepspeed_overrides.torch_autocast.enabled=false",
                        *tiny_overrides(run, tmp_path / "data", "train.max_iters=1")], ranks=2))
     assert evaluate.main([str(run), "--out", str(tmp_path / "eval")]) == 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == json.loads((run / "eval" / "metrics.json").read_text())
+    logged = json.loads((run / "eval" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == logged
 
 
 def test_eval_refuses_a_set_with_other_categories(run, tmp_path, capsys):
@@ -52,7 +54,8 @@ def test_eval_refuses_a_set_with_other_categories(run, tmp_path, capsys):
     other["categories"] = [{"id": 2, "name": "hexagon"}]
     other["annotations"] = []
     (tmp_path / "other.json").write_text(json.dumps(other))
-    code = evaluate.main([str(run), "--ann", str(tmp_path / "other.json"), "--images", str(run.parent / "data" / "images" / "val")])
+    images = run.parent / "data" / "images" / "val"
+    code = evaluate.main([str(run), "--ann", str(tmp_path / "other.json"), "--images", str(images)])
     assert code == 2
     assert "category ids [2], but the model was trained on [1, 3, 5, 7]" in capsys.readouterr().err
 
@@ -103,7 +106,8 @@ def test_predictions_of_the_exported_file_equal_the_runs_own_without_deepspeed(r
         assert {d["category_name"] for d in exported} <= {c["name"] for c in CATEGORIES}
         image_id = int(path.stem)
         assert len(exported) == len(engine[image_id]) > 0
-        for ours, theirs in zip(sorted(exported, key=lambda d: -d["score"]), sorted(engine[image_id], key=lambda d: -d["score"])):
+        by_score = sorted(exported, key=lambda d: -d["score"]), sorted(engine[image_id], key=lambda d: -d["score"])
+        for ours, theirs in zip(*by_score):
             assert ours["image_id"] == image_id and ours["category_id"] == theirs["category_id"]
             assert ours["score"] == pytest.approx(theirs["score"], abs=1e-5)
             assert ours["bbox"] == pytest.approx(theirs["bbox"], abs=1e-3)
