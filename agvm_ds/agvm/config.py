@@ -30,6 +30,15 @@ class AGVMConfig:
         precondition: measure variance of AdamW-preconditioned gradients g / (sqrt(v) + eps_adam),
             as the paper does for AdamW; only valid with an optimizer that keeps ``exp_avg_sq``.
         enabled: False turns AGVM into a transparent pass-through (the baseline of a comparison).
+        guard: the divergence guard (docs/agvm.md, "The divergence guard"): a module's factor may not rise
+            while its gradient norm stands far above its running level, since a large, coherent gradient
+            (a loss spike) has a low phi that AGVM would otherwise read as low variance. Off by default:
+            no run has shown it helps yet.
+        guard_ratio: the guard holds a module while sqrt(A) > guard_ratio x its running level
+            (A = mean micro-batch squared gradient norm of the statistics step).
+        guard_ema: smoothing of the running levels over statistics steps, level <- e * level + (1 - e) * x.
+        guard_phi_drop: None, or also hold a module while phi < guard_phi_drop x its running phi level
+            (an abrupt fall of phi).
     """
 
     anchor: Annotated[str, Field(min_length=1), Expected("the non-empty name of a module")] = "backbone"
@@ -42,6 +51,10 @@ class AGVMConfig:
     eps: Annotated[float, Field(ge=0)] = 1e-6
     precondition: bool = False
     enabled: bool = True
+    guard: bool = False
+    guard_ratio: Annotated[float, Field(gt=1)] = 2.0
+    guard_ema: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    guard_phi_drop: Optional[Annotated[float, Field(gt=0, lt=1)]] = None
 
     @model_validator(mode="after")
     def _check_order(self) -> "AGVMConfig":

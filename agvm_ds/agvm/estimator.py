@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GradientMoments", "variance_proxy", "noise_scale", "moments_from_gradients"]
+__all__ = ["GradientMoments", "variance_proxy", "noise_scale", "gradient_norm", "moments_from_gradients"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,16 @@ def noise_scale(moments: GradientMoments) -> torch.Tensor:
     trace = (m * (a - b) / (m - 1)).clamp_min(0.0)
     signal = (m * b - a) / (m - 1)
     return torch.where(signal > 0, trace / signal.clamp_min(1e-300), torch.full_like(a, float("inf")))
+
+
+def gradient_norm(moments: GradientMoments) -> torch.Tensor:
+    """sqrt(A) per module: the RMS norm of the micro-batch gradients, the divergence guard's size signal.
+
+    A rather than B: A = ||G||^2 + tr(Sigma) is a mean over M norms, steady from step to step, and it grows
+    with the gradient whether the growth is coherent (a spike, where phi falls) or not; B of a noisy
+    module is mostly sampling noise of size tr(Sigma) / M. Unclipped and unscaled, as A is.
+    """
+    return moments.mean_sq_norm.double().clamp_min(0.0).sqrt()
 
 
 def moments_from_gradients(gradients: torch.Tensor) -> tuple[float, float]:

@@ -5,6 +5,14 @@
 
 The anchor's factor is 1 by construction. The state is a handful of floats, so it is checkpointed
 whole (the official code loses it on resume and restarts every factor at 1).
+
+The divergence guard (``config.guard``) keeps a module's factor from rising at a statistics step where
+its gradient norm sqrt(A) exceeds ``guard_ratio`` x its running level (or, optionally, its phi fell below
+``guard_phi_drop`` x its running phi level): mu_i <- min(mu_i, ema * mu_i + (1 - ema) * mu_hat_i). A loss
+spike gives large gradients that agree across micro-batches, so phi falls and AGVM alone would raise the
+lr of the very module that diverges. The levels are EMAs over statistics steps of all-reduced values, so
+they are identical on every rank, and they are tracked even with the guard off (it can be switched on
+at a resume with warm levels); they are checkpointed with the factors.
 """
 from __future__ import annotations
 
@@ -13,15 +21,48 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .config import AGVMConfig
-from .estimator import GradientMoments, noise_scale, variance_proxy
+from .estimator import GradientMoments, gradient_norm, noise_scale, variance_proxy
 
-__all__ = ["target_factors", "GradientVarianceModulator"]
+__all__ = ["target_factors", "running_level", "guard_holds", "guarded_factors", "GradientVarianceModulator"]
 
 
 def target_factors(phi: torch.Tensor, anchor_index: int, config: AGVMConfig) -> torch.Tensor:
     """Unsmoothed factors mu_hat for one measurement of phi (one entry per module)."""
     ratio = (phi[anchor_index] + config.eps) / (phi + config.eps)
     return ratio.clamp(config.clamp_min, config.clamp_max).sqrt()
+
+
+def running_level(level: torch.Tensor, value: torch.Tensor, ema: float) -> torch.Tensor:
+    """EMA of a per-module statistic over statistics steps; a module's first value (level nan) starts it.
+
+    Seeding with the first value rather than 0 avoids a warm-up in which every value looks far above
+    its level.
+    """
+    return torch.where(torch.isnan(level), value, ema * level + (1.0 - ema) * value)
+
+
+def guard_holds(norm: torch.Tensor, norm_level: torch.Tensor, phi: torch.Tensor, phi_level: torch.Tensor,
+                config: AGVMConfig) -> torch.Tensor:
+    """Which modules the divergence guard holds at this step (bool, one per module).
+
+    The levels are those of past statistics steps, so a spike is compared with the calm before it; a nan
+    level (no past step) never holds. All False when the guard is off.
+    """
+    if not config.guard:
+        return torch.zeros_like(norm, dtype=torch.bool)
+    held = norm > config.guard_ratio * norm_level
+    if config.guard_phi_drop is not None:
+        held = held | (phi < config.guard_phi_drop * phi_level)
+    return held
+
+
+def guarded_factors(factors: torch.Tensor, smoothed: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """The new factors: the smoothed ones, but no higher than the old one where a module is held.
+
+    A held module may still fall (its phi may rise in a spike), only an increase is refused; where no
+    module is held the smoothed factors are returned unchanged, bit for bit.
+    """
+    return torch.where(held, torch.minimum(factors, smoothed), smoothed)
 
 
 class GradientVarianceModulator:
@@ -45,6 +86,16 @@ class GradientVarianceModulator:
         self.noise_scale = torch.full((len(names),), float("nan"), dtype=torch.float64)
         self.num_updates = 0
         self.num_rejected = 0
+        self._reset_guard()
+
+    def _reset_guard(self) -> None:
+        """The guard's state before any measurement (also what a checkpoint from before the guard loads)."""
+        n = len(self.module_names)
+        self.norm_level = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.phi_level = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.norm_ratio = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.held = torch.zeros(n, dtype=torch.bool)
+        self.num_held = torch.zeros(n, dtype=torch.int64)
 
     def update(self, moments: GradientMoments) -> bool:
         """Folds one measurement into the smoothed factors.
@@ -60,27 +111,43 @@ class GradientVarianceModulator:
             self.num_rejected += 1
             return False
         phi = variance_proxy(moments)
+        norm = gradient_norm(moments)
         mu_hat = target_factors(phi, self.anchor_index, self.config)
         ema = self.config.ema
-        self.factors = ema * self.factors + (1.0 - ema) * mu_hat
+        held = guard_holds(norm, self.norm_level, phi, self.phi_level, self.config)
+        self.factors = guarded_factors(self.factors, ema * self.factors + (1.0 - ema) * mu_hat, held)
+        self.norm_ratio = norm / self.norm_level
+        self.norm_level = running_level(self.norm_level, norm, self.config.guard_ema)
+        self.phi_level = running_level(self.phi_level, phi, self.config.guard_ema)
+        self.held = held
+        self.num_held += held.long()
         self.phi = phi
         self.noise_scale = noise_scale(moments)
         self.num_updates += 1
         return True
 
+    def held_modules(self) -> list[str]:
+        """The modules the guard held at the latest statistics step."""
+        return [name for name, held in zip(self.module_names, self.held.tolist()) if held]
+
     def factor(self, module: str) -> float:
         return float(self.factors[self.module_names.index(module)])
 
     def as_dict(self) -> dict[str, dict[str, float]]:
-        """The latest factor, phi and noise scale per module, for logs and plots."""
-        return {
-            name: {
-                "factor": float(self.factors[i]),
-                "phi": float(self.phi[i]),
-                "noise_scale": float(self.noise_scale[i]),
-            }
-            for i, name in enumerate(self.module_names)
-        }
+        """The latest factor, phi and noise scale per module, for logs and plots.
+
+        With the guard on, also ``held`` (1.0 where it kept the factor from rising at the latest
+        statistics step) and ``norm_ratio`` (sqrt(A) over its running level before that step); off, the
+        record is as it always was.
+        """
+        return {name: self._module_record(i) for i, name in enumerate(self.module_names)}
+
+    def _module_record(self, i: int) -> dict[str, float]:
+        record = {"factor": float(self.factors[i]), "phi": float(self.phi[i]),
+                  "noise_scale": float(self.noise_scale[i])}
+        if self.config.guard:
+            record.update(held=float(self.held[i]), norm_ratio=float(self.norm_ratio[i]))
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +157,13 @@ class GradientVarianceModulator:
             "noise_scale": self.noise_scale.clone(),
             "num_updates": self.num_updates,
             "num_rejected": self.num_rejected,
+            "guard": {
+                "norm_level": self.norm_level.clone(),
+                "phi_level": self.phi_level.clone(),
+                "norm_ratio": self.norm_ratio.clone(),
+                "held": self.held.clone(),
+                "num_held": self.num_held.clone(),
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -103,4 +177,12 @@ class GradientVarianceModulator:
         self.noise_scale = state["noise_scale"].clone().double()
         self.num_updates = int(state["num_updates"])
         self.num_rejected = int(state["num_rejected"])
+        self._reset_guard()
+        guard = state.get("guard")  # absent in checkpoints written before the guard: its levels start afresh
+        if guard is not None:
+            self.norm_level = guard["norm_level"].clone().double()
+            self.phi_level = guard["phi_level"].clone().double()
+            self.norm_ratio = guard["norm_ratio"].clone().double()
+            self.held = guard["held"].clone().bool()
+            self.num_held = guard["num_held"].clone().long()
 

@@ -303,6 +303,9 @@ class AGVM(torch.optim.Optimizer):
         samples_summed = view.grad_accumulation_steps if stratified else view.num_micro_batches
         self.last_moments = GradientMoments(packed[:n] / samples_summed, packed[n:], view.num_micro_batches)
         if self.modulator.update(self.last_moments):
+            if self.modulator.held_modules():
+                logger.info("AGVM guard: factors of %s held at iteration %d (gradient norm or phi off its level)",
+                            ", ".join(self.modulator.held_modules()), self.iteration)
             view.write_monitor(
                 (f"AGVM/{key}/{module}", value)
                 for module, values in self.modulator.as_dict().items()
