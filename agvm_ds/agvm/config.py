@@ -35,7 +35,8 @@ class AGVMConfig:
             (a loss spike) has a low phi that AGVM would otherwise read as low variance. Off by default:
             no run has shown it helps yet.
         guard_ratio: the guard holds a module while sqrt(A) > guard_ratio x its running level
-            (A = mean micro-batch squared gradient norm of the statistics step).
+            (A = mean micro-batch squared gradient norm of the statistics step; the level is a geometric
+            mean, an EMA of log sqrt(A), so that one huge spike step does not lift it).
         guard_ema: smoothing of the running levels over statistics steps, level <- e * level + (1 - e) * x.
         guard_phi_drop: None, or also hold a module while phi < guard_phi_drop x its running phi level
             (an abrupt fall of phi).

@@ -7,7 +7,7 @@ The anchor's factor is 1 by construction. The state is a handful of floats, so i
 whole (the official code loses it on resume and restarts every factor at 1).
 
 The divergence guard (``config.guard``) keeps a module's factor from rising at a statistics step where
-its gradient norm sqrt(A) exceeds ``guard_ratio`` x its running level (or, optionally, its phi fell below
+its gradient norm sqrt(A) exceeds ``guard_ratio`` x its running geometric level (or, optionally, its phi fell below
 ``guard_phi_drop`` x its running phi level): mu_i <- min(mu_i, ema * mu_i + (1 - ema) * mu_hat_i). A loss
 spike gives large gradients that agree across micro-batches, so phi falls and AGVM alone would raise the
 lr of the very module that diverges. The levels are EMAs over statistics steps of all-reduced values, so
@@ -16,6 +16,7 @@ at a resume with warm levels); they are checkpointed with the factors.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from .config import AGVMConfig
 from .estimator import GradientMoments, gradient_norm, noise_scale, variance_proxy
 
-__all__ = ["target_factors", "running_level", "guard_holds", "guarded_factors", "GradientVarianceModulator"]
+__all__ = ["target_factors", "running_level", "log_norm", "guard_holds", "guarded_factors", "GradientVarianceModulator"]
 
 
 def target_factors(phi: torch.Tensor, anchor_index: int, config: AGVMConfig) -> torch.Tensor:
@@ -36,21 +37,34 @@ def running_level(level: torch.Tensor, value: torch.Tensor, ema: float) -> torch
     """EMA of a per-module statistic over statistics steps; a module's first value (level nan) starts it.
 
     Seeding with the first value rather than 0 avoids a warm-up in which every value looks far above
-    its level.
+    its level. A nan value (no measurement for that module) leaves its level as it was.
     """
-    return torch.where(torch.isnan(level), value, ema * level + (1.0 - ema) * value)
+    smoothed = torch.where(torch.isnan(level), value, ema * level + (1.0 - ema) * value)
+    return torch.where(torch.isnan(value), level, smoothed)
 
 
-def guard_holds(norm: torch.Tensor, norm_level: torch.Tensor, phi: torch.Tensor, phi_level: torch.Tensor,
-                config: AGVMConfig) -> torch.Tensor:
+def log_norm(norm: torch.Tensor) -> torch.Tensor:
+    """log sqrt(A), the statistic whose EMA is the guard's running level; nan where a module had no gradient.
+
+    In log space, so the level is a running geometric mean: a spike's norms, 10-1000x the calm ones and
+    jumping by 10x between statistics steps (measured, docs/agvm.md), barely move it, whereas a linear EMA
+    takes 10% of a 300x jump at once and then reads the next spike step, 30x the calm, as normal.
+    """
+    return torch.where(norm > 0, norm.clamp_min(1e-300).log(), torch.full_like(norm, float("nan")))
+
+
+def guard_holds(log_norm_now: torch.Tensor, log_norm_level: torch.Tensor, phi: torch.Tensor,
+                phi_level: torch.Tensor, config: AGVMConfig) -> torch.Tensor:
     """Which modules the divergence guard holds at this step (bool, one per module).
 
-    The levels are those of past statistics steps, so a spike is compared with the calm before it; a nan
-    level (no past step) never holds. All False when the guard is off.
+    Held: the gradient norm exceeds ``guard_ratio`` x its running (geometric) level, or, with
+    ``guard_phi_drop`` set, phi fell below ``guard_phi_drop`` x its running level. The levels are those
+    of past statistics steps, so a spike is compared with the calm before it; a nan level (no past step)
+    or value never holds. All False when the guard is off.
     """
     if not config.guard:
-        return torch.zeros_like(norm, dtype=torch.bool)
-    held = norm > config.guard_ratio * norm_level
+        return torch.zeros_like(log_norm_now, dtype=torch.bool)
+    held = log_norm_now > math.log(config.guard_ratio) + log_norm_level
     if config.guard_phi_drop is not None:
         held = held | (phi < config.guard_phi_drop * phi_level)
     return held
@@ -91,7 +105,7 @@ class GradientVarianceModulator:
     def _reset_guard(self) -> None:
         """The guard's state before any measurement (also what a checkpoint from before the guard loads)."""
         n = len(self.module_names)
-        self.norm_level = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.log_norm_level = torch.full((n,), float("nan"), dtype=torch.float64)
         self.phi_level = torch.full((n,), float("nan"), dtype=torch.float64)
         self.norm_ratio = torch.full((n,), float("nan"), dtype=torch.float64)
         self.held = torch.zeros(n, dtype=torch.bool)
@@ -111,13 +125,13 @@ class GradientVarianceModulator:
             self.num_rejected += 1
             return False
         phi = variance_proxy(moments)
-        norm = gradient_norm(moments)
+        size = log_norm(gradient_norm(moments))
         mu_hat = target_factors(phi, self.anchor_index, self.config)
         ema = self.config.ema
-        held = guard_holds(norm, self.norm_level, phi, self.phi_level, self.config)
+        held = guard_holds(size, self.log_norm_level, phi, self.phi_level, self.config)
         self.factors = guarded_factors(self.factors, ema * self.factors + (1.0 - ema) * mu_hat, held)
-        self.norm_ratio = norm / self.norm_level
-        self.norm_level = running_level(self.norm_level, norm, self.config.guard_ema)
+        self.norm_ratio = (size - self.log_norm_level).exp()
+        self.log_norm_level = running_level(self.log_norm_level, size, self.config.guard_ema)
         self.phi_level = running_level(self.phi_level, phi, self.config.guard_ema)
         self.held = held
         self.num_held += held.long()
@@ -158,7 +172,7 @@ class GradientVarianceModulator:
             "num_updates": self.num_updates,
             "num_rejected": self.num_rejected,
             "guard": {
-                "norm_level": self.norm_level.clone(),
+                "log_norm_level": self.log_norm_level.clone(),
                 "phi_level": self.phi_level.clone(),
                 "norm_ratio": self.norm_ratio.clone(),
                 "held": self.held.clone(),
@@ -180,7 +194,7 @@ class GradientVarianceModulator:
         self._reset_guard()
         guard = state.get("guard")  # absent in checkpoints written before the guard: its levels start afresh
         if guard is not None:
-            self.norm_level = guard["norm_level"].clone().double()
+            self.log_norm_level = guard["log_norm_level"].clone().double()
             self.phi_level = guard["phi_level"].clone().double()
             self.norm_ratio = guard["norm_ratio"].clone().double()
             self.held = guard["held"].clone().bool()

@@ -9,7 +9,7 @@ import torch
 
 from agvm_ds.agvm import AGVMConfig, GradientMoments, GradientVarianceModulator, variance_proxy
 from agvm_ds.agvm.estimator import gradient_norm
-from agvm_ds.agvm.modulator import guard_holds, guarded_factors, running_level
+from agvm_ds.agvm.modulator import guard_holds, guarded_factors, log_norm, running_level
 
 MODULES = ["backbone", "fpn", "roi_box_head"]
 M = 32  # micro-batch gradients per step, as the recorded failure at 16B = 32
@@ -116,15 +116,34 @@ def test_a_held_module_may_still_fall():
     assert guarded_factors(factors, smoothed, torch.zeros(3, dtype=torch.bool)).equal(smoothed)
 
 
-def test_first_measurement_and_zero_levels():
+def test_first_measurement_and_zero_gradients():
     nan = torch.full((2,), float("nan"), dtype=torch.float64)
     config = AGVMConfig(guard=True, guard_phi_drop=0.5)
     norms, phi = torch.tensor([0.0, 10.0], dtype=torch.float64), torch.tensor([0.0, 0.01], dtype=torch.float64)
-    assert guard_holds(norms, nan, phi, nan, config).tolist() == [False, False]  # no past level: never held
-    assert running_level(nan, norms, 0.9).tolist() == [0.0, 10.0]
-    zero = torch.zeros(2, dtype=torch.float64)
-    assert guard_holds(zero, zero, zero, zero, config).tolist() == [False, False]  # no gradient: nothing to hold
-    assert guard_holds(norms, zero, phi, phi, AGVMConfig()).tolist() == [False, False]  # guard off
+    size = log_norm(norms)
+    assert torch.isnan(size[0]) and size[1] == math.log(10.0)  # no gradient: no measurement of its size
+    assert guard_holds(size, nan, phi, nan, config).tolist() == [False, False]  # no past level: never held
+    level = running_level(nan, size, 0.9)
+    assert torch.isnan(level[0]) and level[1] == math.log(10.0)
+    assert running_level(level, torch.tensor([math.log(5.0), math.nan], dtype=torch.float64), 0.5).tolist()[1] == \
+        math.log(10.0)  # a module without gradient keeps its level
+    assert guard_holds(size + 5, level, phi, phi, AGVMConfig()).tolist() == [False, False]  # guard off
+
+
+MEASURED_FPN_NORMS = [1, 3.41, 0.903, 1.13, 1.01, 0.53, 28.6, 1170, 47.4, 277, 68.5, 158, 226, 6900]
+"""sqrt(A) of the FPN at the statistics steps 43, 48, ..., 108 of the guarded run of b32_sgd_agvm_s0 (relative
+to step 43), reconstructed from its logged norm_ratio; the spike starts at step 73 (index 6)."""
+
+
+def test_geometric_level_holds_through_the_measured_spike():
+    config = AGVMConfig(guard=True)
+    level, held = torch.tensor([math.nan], dtype=torch.float64), []
+    for norm in MEASURED_FPN_NORMS:
+        size = log_norm(torch.tensor([norm], dtype=torch.float64))
+        held.append(bool(guard_holds(size, level, torch.zeros(1), torch.zeros(1), config)))
+        level = running_level(level, size, config.guard_ema)
+    assert held[6:] == [True] * 8  # every spike step; a linear level let go at 83, 93, 98, 103 (measured)
+    assert held[:6] == [False, True, False, False, False, False]  # 48: the norm grew 3.4x after warm-up
 
 
 def test_abrupt_phi_drop_holds_only_when_asked():
@@ -158,7 +177,7 @@ def test_checkpoint_from_before_the_guard_loads_with_fresh_levels():
     loaded = GradientVarianceModulator(MODULES, AGVMConfig(guard=True))
     loaded.load_state_dict(old)
     assert torch.equal(loaded.factors, modulator.factors)
-    assert torch.isnan(loaded.norm_level).all() and loaded.num_held.tolist() == [0, 0, 0]
+    assert torch.isnan(loaded.log_norm_level).all() and loaded.num_held.tolist() == [0, 0, 0]
 
 
 def test_non_finite_statistics_leave_the_guard_untouched():
@@ -167,4 +186,4 @@ def test_non_finite_statistics_leave_the_guard_untouched():
     bad = GradientMoments(torch.tensor([math.nan, 1.0, 1.0]), torch.ones(3), M)
     assert modulator.update(bad) is False
     after = modulator.state_dict()["guard"]
-    assert all(torch.equal(before[k], after[k]) for k in ("norm_level", "phi_level", "held", "num_held"))
+    assert all(torch.equal(before[k], after[k]) for k in ("log_norm_level", "phi_level", "held", "num_held"))
