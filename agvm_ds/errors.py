@@ -22,7 +22,7 @@ __all__ = ["CorruptFile", "ExitCode", "FileAccessFailed", "NoSpace", "OutsideFau
 
 
 class ExitCode(enum.IntEnum):
-    """Exit statuses of every agvm command (the value's docstring is its ``--help`` line)."""
+    """Exit statuses of every agvm command; each one's ``--help`` line is in ``_MEANINGS``."""
 
     OK = 0
     FAILED = 1
