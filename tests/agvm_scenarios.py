@@ -354,3 +354,188 @@ def assert_moments_match(result: dict, tol: float) -> None:
         assert max_rel_err(record["B"], record["ref_B"]) < tol, record
         # the wrapper's factors are the core's factors applied to the brute-force moments
         assert float((record["factors"] - record["replay_factors"]).abs().max()) < 10 * tol
+
+
+# --- layer-wise LAMB and LARS under ZeRO (tests/agvm/test_layerwise.py) ---
+
+LAYERWISE_WEIGHT_DECAY = 0.01
+
+
+class ReferenceLars(torch.optim.Optimizer):
+    """Plain LARS on whole tensors, the brute force the layer-wise Lars must equal (You et al. 2017,
+    timm's form): r = c ||w|| / (||g|| + wd ||w|| + eps), 1 where a norm is 0, only where wd != 0;
+    buf = m buf + r (g + wd w), the first buf being that term; w -= lr buf."""
+
+    def __init__(self, params, lr: float, momentum: float, trust_coefficient: float, eps: float) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                g = p.grad.double()
+                if wd != 0:
+                    w_norm, g_norm = float(p.double().norm()), float(g.norm())
+                    ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    ratio = ratio if w_norm > 0 and g_norm > 0 else 1.0
+                    g = (g + wd * p.double()) * ratio
+                state = self.state[p]
+                state["buf"] = g.clone() if "buf" not in state else group["momentum"] * state["buf"] + g
+                p.sub_(group["lr"] * state["buf"])
+
+
+def layerwise_optimizer(case: dict[str, Any], groups: list[dict[str, Any]], reference: bool = False):
+    """The case's LAMB or LARS; with ``reference``, the single-process brute force on whole tensors."""
+    from timm.optim import Lamb as TimmLamb
+
+    from agvm_ds.optim import Lamb, Lars
+
+    if case["optimizer"] in ("lamb", "timm_lamb"):  # timm_lamb: what build_optimizer used before, per share
+        kwargs = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-6, weight_decay=LAYERWISE_WEIGHT_DECAY,
+                      bias_correction=case.get("bias_correction", True))
+        if reference or case["optimizer"] == "timm_lamb":
+            return TimmLamb(groups, max_grad_norm=None, **kwargs)
+        return Lamb(groups, **kwargs)
+    kwargs = dict(lr=0.5, momentum=0.9, trust_coefficient=0.02, eps=1e-8)
+    if reference:
+        return ReferenceLars(groups, **kwargs)
+    return Lars(groups, weight_decay=LAYERWISE_WEIGHT_DECAY, **kwargs)
+
+
+class InnerStepRecorder:
+    """What the base optimizer got in each inner step call: its (flat) parameters before and after,
+    their gradients, and the lr of their group (AGVM's factor included)."""
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.pending: list[dict[str, Any]] = []
+        base.register_step_pre_hook(self._before)
+        base.register_step_post_hook(self._after)
+
+    def _before(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.pending.append({"param": p, "group": group["name"], "lr": group["lr"],
+                                         "before": p.detach().float().clone(), "grad": p.grad.detach().float().clone()})
+
+    def _after(self, optimizer, args, kwargs) -> None:
+        for record in self.pending:
+            record.setdefault("after", record["param"].detach().float().clone())
+
+    def take(self) -> list[dict[str, Any]]:
+        records, self.pending = self.pending, []
+        return records
+
+
+def whole_tensors(engine, view, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The step's original tensors (before, grad, after), assembled from every rank's fragments by an
+    all-reduce of zero-filled buffers (fragments of ranks do not overlap), and how many ranks held each."""
+    named = dict(engine.module.named_parameters())
+    names = list(named)
+    name_of = {id(p): n for n, p in named.items()}
+    name_of.update({id(view._masters[id(p)]): n for n, p in named.items() if id(p) in view._masters})
+    numel = {n: (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for n, p in named.items()}
+    full = {key: {n: torch.zeros(numel[n]) for n in names} for key in ("before", "grad", "after")}
+    holders = {n: torch.zeros(1) for n in names}
+    lrs = {}
+    for record in records:
+        lrs[record["group"]] = record["lr"]
+        layout = view.partition_fragments(record["param"])
+        if layout is None:
+            name = name_of[id(record["param"])]
+            for key in full:
+                full[key][name] = record[key].reshape(-1)
+            continue
+        tensors, fragments = layout
+        for fragment in fragments:
+            name = name_of[id(tensors[fragment.index])]
+            holders[name] += 1
+            for key in full:
+                full[key][name][fragment.offset:fragment.offset + fragment.numel] = \
+                    record[key][fragment.start:fragment.start + fragment.numel]
+    if view.grads_partitioned:
+        packed = torch.cat([full[key][n] for key in full for n in names] + [holders[n] for n in names])
+        tdist.all_reduce(packed)
+        pieces = iter(packed.split([numel[n] for _ in full for n in names] + [1] * len(names)))
+        full = {key: {n: next(pieces) for n in names} for key in full}
+        holders = {n: int(next(pieces)) for n in names}
+    shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for n, p in named.items()}
+    return {"tensors": {key: {n: t.reshape(shapes[n]) for n, t in values.items()} for key, values in full.items()},
+            "holders": {n: int(h) for n, h in holders.items()}, "lrs": lrs}
+
+
+def layerwise_build(case: dict[str, Any]):
+    torch.manual_seed(0)
+    model = ToyDetector(tiny_param=True)
+    reference = copy.deepcopy(model)
+    no_decay_1d = not case.get("adapt_all", True)
+    groups = module_param_groups(model, MODULES, weight_decay=LAYERWISE_WEIGHT_DECAY, no_decay_1d=no_decay_1d)
+    optimizer = AGVM(layerwise_optimizer(case, groups), AGVMConfig(interval=1, ema=0.5))
+    recorder = InnerStepRecorder(optimizer.base_optimizer)
+    config = ds_config(case["stage"], case.get("dtype", "fp32"), case.get("gas", 2), case.get("clip", CLIP),
+                       log_comms=case.get("log_comms", False))
+    config["zero_optimization"].update(case.get("zero", {}))
+    config.update(case.get("deepspeed", {}))
+    engine, _, _, _ = initialize(
+        model=model, optimizer=optimizer, config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.05 * s)),
+    )
+    ref_groups = module_param_groups(reference, MODULES, weight_decay=LAYERWISE_WEIGHT_DECAY, no_decay_1d=no_decay_1d)
+    return engine, optimizer, recorder, reference, layerwise_optimizer(case, ref_groups, reference=True)
+
+
+def layerwise_train(rank: int, world: int, case: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Trains ``steps`` steps; after each, replays the step on whole tensors with the single-process
+    reference optimizer fed the same weights and gradients, and records the largest error relative to
+    the size of the update (0 = equal, 1 = as far off as the update itself)."""
+    if case.get("dtype") == "fp16":
+        allow_cpu_fp16()
+    if case.get("log_comms"):  # the logger, once on, stays on in this process: count this case alone
+        from deepspeed.comm.comm import comms_logger
+
+        comms_logger.comms_dict.clear()
+    try:
+        engine, optimizer, recorder, reference, ref_optimizer = layerwise_build(case)
+    except ValueError as error:  # a refused configuration: the message is what the test checks
+        if not case.get("refused"):
+            raise
+        return {"error": str(error)}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.get("dtype", "fp32"), torch.float32)
+    ref_params = dict(reference.named_parameters())
+    if optimizer._view.kind.value == "fp16_unfused":  # DeepSpeed steps it once on zero gradients to create state
+        for p in ref_params.values():
+            p.grad = torch.zeros_like(p)
+        ref_optimizer.step()
+    errors, grad_norms, factors, holders = [], [], [], {}
+    for step in range(steps):
+        for micro in range(case.get("gas", 2)):
+            x, y = micro_batch(step, rank, micro)
+            engine.backward(nn.functional.mse_loss(engine(x.to(dtype)).float(), y))
+            engine.step()
+        records = recorder.take()
+        if not records:  # an fp16 step skipped on overflow: nothing was updated
+            continue
+        got = whole_tensors(engine, optimizer._view, records)
+        holders = got["holders"]
+        for group in ref_optimizer.param_groups:
+            group["lr"] = got["lrs"][group["name"]]
+        for name, p in ref_params.items():
+            p.data.copy_(got["tensors"]["before"][name])
+            p.grad = got["tensors"]["grad"][name].clone()
+        ref_optimizer.step()
+        step_errors = {}
+        for name, p in ref_params.items():
+            moved = (p.detach() - got["tensors"]["before"][name]).norm()
+            step_errors[name] = float((p.detach() - got["tensors"]["after"][name]).norm() / moved.clamp_min(1e-30))
+        errors.append(step_errors)
+        grad_norms.append(float(torch.cat([g.reshape(-1) for g in got["tensors"]["grad"].values()]).norm()))
+        factors.append(dict(optimizer.factors))
+    return {"errors": errors, "grad_norms": grad_norms, "factors": factors, "holders": holders,
+            "skipped_steps": engine.skipped_steps, "kind": optimizer._view.kind.value,
+            "inner_calls": optimizer._view.inner_calls_per_step,
+            "comms": logged_comms() if case.get("log_comms") else None}
+
+
+def layerwise_cases(rank: int, world: int, cases: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    return [layerwise_train(rank, world, case, steps) for case in cases]

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
+from ..optim.layerwise import Fragment, LayerwiseOptimizer
 from .optimizer import AGVM
 
 __all__ = [
@@ -231,6 +232,52 @@ class DeepSpeedView:
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
         return (lp.start, lp.numel, v.narrow(0, hp.start, hp.numel))
 
+    def partition_fragments(self, flat: torch.Tensor) -> Optional[tuple[list[torch.Tensor], list[Fragment]]]:
+        """The original parameters laid out in ``flat``, a parameter the inner step updates, and the
+        fragments of them that ``flat`` holds on this rank (``agvm_ds.optim.PartitionLayout``).
+
+        None where ``flat`` is itself a whole parameter, the same on every rank (ZeRO-0: the client's
+        parameter, or FP16_UnfusedOptimizer's fp32 master). ZeRO-1/2 and BF16_Optimizer: ``flat`` is the
+        rank's fp32 partition of group g, laid over ``bit16_groups[g]`` (``bf16_groups[g]``); each
+        parameter's ``_hp_mapping`` gives its fragment's address in the partition (hp) and in the
+        parameter (lp), None where the partition holds none of it. ZeRO-3: ``flat`` is sub-group s's
+        fp32 partition, the parameters' partitions of ``partition_numel()`` elements each, in the order
+        of ``fp16_groups[s]``; rank r holds elements [r p, r p + p) of each, real below ``ds_numel``.
+        """
+        if self.kind in (EngineKind.CLIENT, EngineKind.FP16_UNFUSED):
+            return None
+        inner = self.engine.optimizer
+        if self.kind is EngineKind.ZERO_3:
+            index = _index_of(flat, inner.fp32_partitioned_groups_flat)
+            fragments, start = [], 0
+            params = list(inner.fp16_groups[index])
+            for k, param in enumerate(params):
+                size = param.partition_numel()
+                held = max(0, min(size, param.ds_numel - self.dp_rank * size))
+                if held:
+                    fragments.append(Fragment(k, start, held, self.dp_rank * size))
+                start += size
+            return params, fragments
+        index = _index_of(flat, self._flat_fp32_partitions)
+        params = list(inner.bit16_groups[index] if self.kind is EngineKind.ZERO_1_2 else inner.bf16_groups[index])
+        fragments = []
+        for k, param in enumerate(params):
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None and mapping.hp_fragment_address.numel:
+                hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+                fragments.append(Fragment(k, hp.start, hp.numel, lp.start))
+        return params, fragments
+
+    def check_layerwise(self, name: str) -> None:
+        """Refuses, in one line, an engine where a layer-wise optimizer's partitions are not all here."""
+        inner = self.engine.optimizer
+        if getattr(inner, "cpu_offload", False) or getattr(inner, "offload_optimizer", False):
+            raise ValueError(
+                f"optimizer.name={name!r}: zero_optimization.offload_optimizer is not supported by the layer-wise "
+                "optimizers (their partitions are swapped and stepped outside the layout checked); remove it, "
+                "or use adamw/sgd"
+            )
+
     # --- communication and logging ----------------------------------------------------------
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -238,6 +285,14 @@ class DeepSpeedView:
         import deepspeed.comm as dist
 
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group, log_name="agvm_stats")
+        return tensor
+
+    def all_reduce_norms(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums a layer-wise optimizer's partial squared norms over the data-parallel ranks, logged as
+        ``layerwise_norms`` by the comms logger."""
+        import deepspeed.comm as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group, log_name="layerwise_norms")
         return tensor
 
     def write_monitor(self, events: Iterable[tuple[str, float]]) -> None:
@@ -281,8 +336,27 @@ def initialize(
         model=model, optimizer=optimizer, config=config, **kwargs
     )
     _share_zero3_fp32_partitions(engine)
-    optimizer.attach(DeepSpeedView(engine, optimizer))
+    view = DeepSpeedView(engine, optimizer)
+    optimizer.attach(view)
+    _attach_layout(optimizer.base_optimizer, view)
     return engine, ds_optimizer, dataloader, scheduler
+
+
+def _attach_layout(base: torch.optim.Optimizer, view: DeepSpeedView) -> None:
+    """Gives a layer-wise base optimizer (LAMB, LARS) the map from flat partitions to parameters."""
+    if isinstance(base, LayerwiseOptimizer):
+        view.check_layerwise(type(base).__name__.lower())
+        base.attach_layout(view)
+
+
+def _index_of(flat: torch.Tensor, partitions: list[torch.Tensor]) -> int:
+    for index, partition in enumerate(partitions):
+        if partition is flat:
+            return index
+    raise RuntimeError(
+        f"AGVM: a flat parameter of {flat.numel()} elements is none of DeepSpeed's fp32 partitions; "
+        "DeepSpeed internals changed?"
+    )
 
 
 def _share_zero3_fp32_partitions(engine) -> int:

@@ -121,9 +121,14 @@ class DataConfig:
 @section
 class OptimizerConfig:
     """The base optimizer AGVM wraps. ``lr`` is for ``base_batch_size`` images and is scaled to the
-    global batch by ``lr_scaling`` (linear, as Goyal et al.; sqrt, as for adaptive optimizers; none)."""
+    global batch by ``lr_scaling`` (linear, as Goyal et al.; sqrt, as for adaptive optimizers; none).
 
-    name: Literal["sgd", "adamw", "lamb"] = "sgd"
+    ``lamb`` and ``lars`` are layer-wise (``agvm_ds.optim.layerwise``): one trust ratio per parameter
+    tensor under every ZeRO stage; no-weight-decay groups (norms, biases) are not adapted. ``lamb``
+    uses ``betas``, ``eps`` and ``bias_correction``; ``lars`` uses ``momentum``, ``eps`` and
+    ``trust_coefficient`` (ratio = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps))."""
+
+    name: Literal["sgd", "adamw", "lamb", "lars"] = "sgd"
     lr: Annotated[float, Field(gt=0)] = 0.02
     base_batch_size: PositiveCount = 16
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
@@ -131,6 +136,8 @@ class OptimizerConfig:
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     betas: Items[Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: Annotated[float, Field(gt=0)] = 1e-8
+    trust_coefficient: Annotated[float, Field(gt=0, le=1)] = 0.001
+    bias_correction: bool = True
 
     @model_validator(mode="after")
     def _check_betas(self) -> "OptimizerConfig":
