@@ -51,7 +51,7 @@ def test_unknown_agvm_key_lists_agvm_keys():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optimizer.name=adam", "optimizer.name='adam': expected one of ['sgd', 'adamw', 'lamb']"),
+    ("optimizer.name=adam", "optimizer.name='adam': expected one of ['sgd', 'adamw', 'lamb', 'lars']"),
     ("train.epochs=zero", "train.epochs='zero': expected int"),
     ("agvm.ema=1.5", "ema=1.5 is invalid"),
     ("data.dataset=coco", "data.dataset=coco needs data.train_images"),

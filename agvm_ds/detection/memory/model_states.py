@@ -45,7 +45,7 @@ GiB = 1 << 30
 #: matmuls), ``bf16``/``fp16`` its ``bf16``/``fp16`` sections (16-bit weights).
 PRECISIONS = ("fp32", "autocast-bf16", "bf16", "fp16")
 #: fp32 moments per parameter of the optimizers the trainer builds.
-OPTIMIZER_MOMENTS = {"adamw": 2, "lamb": 2, "sgd": 1}
+OPTIMIZER_MOMENTS = {"adamw": 2, "lamb": 2, "lars": 1, "sgd": 1}
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 #: The module classes DeepSpeed's ``torch_autocast`` marks for bf16 communication (its default
 #: ``lower_precision_safe_modules``, matched by exact class).
