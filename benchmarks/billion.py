@@ -112,31 +112,42 @@ def checkpoint_facts(run_dir: Path, tag: str) -> dict[str, Any]:
 
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    from agvm_ds.engine.run_log import TRAIN_FILE, read_records
+
+    return read_records(run_dir / TRAIN_FILE)
 
 
-def agvm_factors(run_dir: Path) -> dict[int, dict[str, float]]:
-    return {r["iteration"]: {m: round(v["factor"], 4) for m, v in r["agvm"].items()} for r in train_records(run_dir)}
+def agvm_factors(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    return {r["iteration"]: {m: round(v["factor"], 4) for m, v in r["agvm"].items()} for r in records}
 
 
-def step_seconds(run_dir: Path, images_per_step: int) -> list[float]:
-    return [round(images_per_step / r["images_per_s"], 1) for r in train_records(run_dir)]
+def step_seconds(records: list[dict[str, Any]], images_per_step: int) -> list[float]:
+    return [round(images_per_step / r["images_per_s"], 1) for r in records]
 
 
-def different_tensors(a: Any, b: Any, where: str = "") -> list[str]:
-    """Paths of the tensors (or values) that differ between two loaded checkpoint files."""
+def compare_values(a: Any, b: Any, where: str = "") -> tuple[int, list[str]]:
+    """(tensors in ``a``, paths of the tensors or values that differ in ``b``) of two loaded checkpoint
+    files, in one walk: a 1B checkpoint's tensors are memory-mapped, each read should happen once."""
     import torch
 
     if torch.is_tensor(a) or torch.is_tensor(b):
         same = torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-        return [] if same else [where]
+        return int(torch.is_tensor(a)), [] if same else [where]
+    pairs: list[tuple[Any, Any, str]] = []
+    differing: list[str] = []
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
-            return [f"{where} (keys)"]
-        return [d for k in a for d in different_tensors(a[k], b[k], f"{where}/{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in different_tensors(x, y, f"{where}[{i}]")]
-    return [] if a == b or not isinstance(a, (int, float, str, bool, type(None))) else [where]
+            differing.append(f"{where} (keys)")
+        pairs = [(a[k], b[k], f"{where}/{k}") for k in a if k in b]
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        pairs = [(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+    elif not (a == b or not isinstance(a, (int, float, str, bool, type(None)))):
+        differing.append(where)
+    tensors = 0
+    for x, y, path in pairs:
+        count, paths = compare_values(x, y, path)
+        tensors, differing = tensors + count, differing + paths
+    return tensors, differing
 
 
 #: What a checkpoint file records of its run's configuration rather than of its state: it names the
@@ -155,21 +166,9 @@ def compare_checkpoints(tag_a: Path, tag_b: Path) -> dict[str, Any]:
         b = torch.load(tag_b / name, map_location="cpu", weights_only=False, mmap=True)
         for key in RECORDED_CONFIG:
             a.pop(key, None), b.pop(key, None)
-        differing += [f"{name}{d}" for d in different_tensors(a, b)]
-        tensors += _count_tensors(a)
+        count, paths = compare_values(a, b)
+        tensors, differing = tensors + count, differing + [f"{name}{d}" for d in paths]
     return {"files": len(files), "tensors": tensors, "differing": differing}
-
-
-def _count_tensors(value: Any) -> int:
-    import torch
-
-    if torch.is_tensor(value):
-        return 1
-    if isinstance(value, dict):
-        return sum(_count_tensors(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_count_tensors(v) for v in value)
-    return 0
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -179,8 +178,9 @@ def straight(bench: Bench) -> dict[str, Any]:
     run = bench.out / "straight"
     shutil.rmtree(run, ignore_errors=True)
     output, seconds = bench.run("straight", bench.local(2, bench.train_args("straight")))
-    return {"wall_s": round(seconds, 1), **rank_memory(run), "step_s": step_seconds(run, 2),
-            "agvm_factors": agvm_factors(run), "banner": _banner(output),
+    records = train_records(run)
+    return {"wall_s": round(seconds, 1), **rank_memory(run), "step_s": step_seconds(records, 2),
+            "agvm_factors": agvm_factors(records), "banner": _banner(output),
             **checkpoint_facts(run, f"iter_{STEPS:08d}"), "metrics": _metrics(run)}
 
 
