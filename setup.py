@@ -43,7 +43,8 @@ setup(
         # LTCR's environments; the box2d extra (Box2D + pygame-ce) is LunarLander-v3's. The detection trainer
         # does not need them: `pip install agvm-ds` leaves them out, `pip install agvm-ds[ltcr]` brings them.
         "ltcr": ["gymnasium[box2d]>=1.0"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.8", "mkdocs>=1.6"],
+        # torchmetrics: the tests' cross-check of panoptic quality, not a run-time dependency
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.8", "mkdocs>=1.6", "torchmetrics>=1.4"],
     },
     cmdclass={"build_py": BuildWithShippedDefinitions},
     entry_points={
