@@ -1,4 +1,5 @@
-"""Data for agvm-ds: COCO-format datasets, a synthetic COCO set, v2 transforms, resumable loaders.
+"""Data for agvm-ds: COCO detection, semantic (ADE20K layout) and COCO panoptic datasets, synthetic sets of
+each, v2 transforms, resumable loaders.
 
 Typical use::
 
@@ -12,23 +13,44 @@ Typical use::
 """
 from .coco import CocoDetection, ImageReadError, decode_segmentation
 from .loader import build_detection_loader, collate_detection
+from .panoptic import CocoPanoptic
 from .sampler import DistributedGroupedBatchSampler, ShardedEvalSampler, aspect_ratio_group_ids
+from .segmentation_transforms import build_panoptic_transforms, build_semantic_transforms
+from .semantic import ADE20K_CLASSES, IGNORE_INDEX, SemanticSegmentation, ade20k, read_class_names
 from .synthetic import CATEGORIES, SyntheticPaths, make_synthetic_coco
+from .synthetic_segmentation import (
+    SyntheticPanopticPaths,
+    SyntheticSemanticPaths,
+    make_synthetic_panoptic,
+    make_synthetic_semantic,
+)
 from .transforms import COCO_MULTISCALE_SIZES, RECIPES, build_transforms
 
 __all__ = [
+    "ADE20K_CLASSES",
     "CATEGORIES",
     "COCO_MULTISCALE_SIZES",
     "CocoDetection",
+    "CocoPanoptic",
     "DistributedGroupedBatchSampler",
+    "IGNORE_INDEX",
     "ImageReadError",
     "RECIPES",
+    "SemanticSegmentation",
     "ShardedEvalSampler",
+    "SyntheticPanopticPaths",
     "SyntheticPaths",
+    "SyntheticSemanticPaths",
+    "ade20k",
     "aspect_ratio_group_ids",
     "build_detection_loader",
+    "build_panoptic_transforms",
+    "build_semantic_transforms",
     "build_transforms",
     "collate_detection",
     "decode_segmentation",
     "make_synthetic_coco",
+    "make_synthetic_panoptic",
+    "make_synthetic_semantic",
+    "read_class_names",
 ]
