@@ -7,32 +7,73 @@ not deep inside torchvision at the first iteration.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import os
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Mapping, Optional, Union
 
 import timm
 from pydantic import Field, model_validator
+from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 
 from ..config_checks import Expected, Items, PositiveCount, apply_overrides, build, invalid, read_yaml_mapping, section
 from ..resources import find, shipped_dir, shipped_names
 
 __all__ = ["DEFAULT_ANCHOR_SIZES", "DEFAULT_ASPECT_RATIOS", "DETECTORS", "FEATURE_MAPS", "MODELS_DIR", "NORMS",
-           "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
+           "TASKS", "ModelSpec", "backbone_family", "detector_knobs", "load_spec", "model_names"]
 
 MODELS_DIR = shipped_dir("models")
 """The folder of the shipped definitions (``<name>.yaml``): the package's copy, or the checkout's ``models/``."""
 
-DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet}
+
+
+class _Models(Mapping[str, type]):
+    """Model name -> class; a class given as ``"module:Class"`` is imported when first looked up.
+
+    The segmentation models live in ``agvm_ds.segmentation``, which builds on this package's
+    backbone (and so imports this module): importing them here at load time would be a cycle.
+    """
+
+    def __init__(self, classes: Mapping[str, Union[type, str]]) -> None:
+        self._classes = dict(classes)
+
+    def __getitem__(self, name: str) -> type:
+        cls = self._classes[name]
+        if isinstance(cls, str):
+            module, _, attr = cls.partition(":")
+            cls = self._classes[name] = getattr(importlib.import_module(module), attr)
+        return cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
+DETECTORS: Mapping[str, type] = _Models({
+    "faster_rcnn": FasterRCNN,
+    "mask_rcnn": MaskRCNN,
+    "retinanet": RetinaNet,
+    "semantic_fpn": "agvm_ds.segmentation.semantic:SemanticFPN",
+    "upernet": "agvm_ds.segmentation.semantic:UperNet",
+    "panoptic_fpn": "agvm_ds.segmentation.panoptic:PanopticFPN",
+})
+"""``detector`` name -> model class (torchvision's detectors, ``agvm_ds.segmentation``'s segmenters)."""
 NORMS = ("frozen_bn", "bn", "sync_bn")
 
+#: What each model predicts (``ModelSpec.task``).
+TASKS = {"faster_rcnn": "detection", "retinanet": "detection", "mask_rcnn": "instance",
+         "semantic_fpn": "semantic", "upernet": "semantic", "panoptic_fpn": "panoptic"}
+
 #: Feature maps the FPN backbone hands each detector's heads: C2-C5 + a max-pooled level for the
-#: R-CNNs, C3-C5 + P6/P7 for RetinaNet (see ``build_backbone``); one anchor level each.
-FEATURE_MAPS = {"faster_rcnn": 5, "mask_rcnn": 5, "retinanet": 5}
+#: R-CNNs (Panoptic FPN's included), C3-C5 + P6/P7 for RetinaNet (see ``build_backbone``); one
+#: anchor level each. Semantic models have no anchors.
+FEATURE_MAPS = {"faster_rcnn": 5, "mask_rcnn": 5, "retinanet": 5, "panoptic_fpn": 5}
 
 Anchors = tuple[tuple[float, ...], ...]
 Number = Union[int, float]
@@ -49,6 +90,7 @@ AnchorsGiven = Annotated[Optional[Items[AnchorLevel]], Expected("a list of numbe
 DEFAULT_ANCHOR_SIZES: dict[str, Anchors] = {
     "faster_rcnn": tuple((x,) for x in (32, 64, 128, 256, 512)),
     "mask_rcnn": tuple((x,) for x in (32, 64, 128, 256, 512)),
+    "panoptic_fpn": tuple((x,) for x in (32, 64, 128, 256, 512)),
     "retinanet": tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3))) for x in (32, 64, 128, 256, 512)),
 }
 DEFAULT_ASPECT_RATIOS: Anchors = ((0.5, 1.0, 2.0),) * 5
@@ -71,18 +113,22 @@ def backbone_family(name: str) -> str:
 
 
 def detector_knobs(detector: str) -> dict[str, Any]:
-    """The numeric keyword arguments of the torchvision detector class, with their defaults.
+    """The numeric keyword arguments of the model class, with their defaults.
 
-    These are the knobs ``detector_kwargs`` may set (sampling sizes, NMS thresholds, top-k);
-    arguments that take modules or that ``ModelSpec`` sets itself are excluded.
+    These are the knobs ``detector_kwargs`` may set (sampling sizes, NMS thresholds, top-k, head
+    widths, loss weights); arguments that take modules or that ``ModelSpec`` sets itself are
+    excluded. A class passing ``**kwargs`` on to its base (Panoptic FPN to Mask R-CNN) also has the
+    base's knobs.
     """
-    params = inspect.signature(DETECTORS[detector].__init__).parameters.values()
-    return {
-        p.name: p.default
-        for p in params
-        if isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
-        and p.name not in ("min_size", "max_size")
-    }
+    knobs: dict[str, Any] = {}
+    for cls in DETECTORS[detector].__mro__:
+        if cls is nn.Module or "__init__" not in vars(cls):
+            continue
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if (isinstance(p.default, (int, float)) and not isinstance(p.default, bool)
+                    and p.name not in ("min_size", "max_size")):
+                knobs.setdefault(p.name, p.default)
+    return knobs
 
 
 @section(label="model spec")
@@ -90,11 +136,16 @@ class ModelSpec:
     """What ``build_detector`` builds.
 
     Args:
-        detector: ``faster_rcnn``, ``mask_rcnn`` or ``retinanet`` (torchvision's classes).
+        detector: ``faster_rcnn``, ``mask_rcnn`` or ``retinanet`` (torchvision's classes);
+            ``semantic_fpn`` or ``upernet`` (semantic segmentation), ``panoptic_fpn`` (Mask R-CNN +
+            a semantic branch); see :data:`DETECTORS` and :attr:`task`.
         backbone: a timm model name, ``resnet*`` or ``swin*`` / ``swinv2*``.
         num_classes: number of classes including the background, as torchvision expects (COCO: 81
-            with contiguous labels 1..80). A default only: the trainer replaces it with the data
-            set's category count + 1, from the annotation file.
+            with contiguous labels 1..80); Panoptic FPN: its thing classes + background. Semantic
+            models: the number of classes, no background (ADE20K: 150). A default only: the
+            trainer replaces it from the data set.
+        num_stuff_classes: Panoptic FPN's stuff classes (COCO: 53), at least 1; 0 for every other
+            model. A default only: the trainer sets it from the data set.
         min_size / max_size: resize of torchvision's ``GeneralizedRCNNTransform``; ``min_size`` may
             be a list, one picked at random per training image.
         fpn_channels: width of the FPN and of the heads built on it.
@@ -115,8 +166,10 @@ class ModelSpec:
             Takes the place of ``pretrained``.
         backbone_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, or the
             architecture of a body timm has no name for: ``embed_dim``, ``depths``, ``num_heads``).
-        detector_kwargs: numeric knobs of the torchvision detector class (``rpn_batch_size_per_image``,
-            ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ``detections_per_img``, ...).
+        detector_kwargs: numeric knobs of the model class (``rpn_batch_size_per_image``,
+            ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ``detections_per_img``, ...;
+            segmenters: ``decode_channels``, ``aux_weight``, ``semantic_weight``, ``stuff_area``, ...);
+            see :func:`detector_knobs`.
         anchor_sizes: anchor sizes in pixels of the resized image, per FPN level (5 levels): a list
             of numbers (one size per level, ``[32, 64, 128, 256, 512]``) or of lists (several per
             level, RetinaNet's octave scales). None: torchvision's default for the detector (see
@@ -125,12 +178,15 @@ class ModelSpec:
         aspect_ratios: anchor height / width ratios: one list shared by every level, or one list
             per level. None: torchvision's ``[0.5, 1.0, 2.0]``. Every level must give the same
             number of anchors (sizes x ratios), as one head is shared across levels.
+            Semantic models have no anchors: both stay None there.
         name: the definition's name, for logs (set from the file name when loaded).
     """
 
     detector: Literal[tuple(DETECTORS)]
     backbone: str
-    num_classes: Annotated[int, Field(ge=2), Expected("an integer >= 2 (the classes plus the background)")] = 81
+    num_classes: Annotated[int, Field(ge=2), Expected(
+        "an integer >= 2 (the classes plus the background; semantic models: the classes)")] = 81
+    num_stuff_classes: Annotated[int, Field(ge=0), Expected("a non-negative integer")] = 0
     min_size: MinSize = 800
     max_size: int = 1333
     fpn_channels: PositiveCount = 256
@@ -162,9 +218,22 @@ class ModelSpec:
                           f"e.g. from timm.list_pretrained({self.backbone + '*'!r}))", pretrained=self.pretrained)
         if self.pretrained and self.pretrained_file is not None:
             raise invalid("pretrained_file is given too; keep one of them", pretrained=self.pretrained)
+        if self.detector == "panoptic_fpn" and self.num_stuff_classes < 1:
+            raise invalid("expected an integer >= 1 for panoptic_fpn (its stuff classes)",
+                          num_stuff_classes=self.num_stuff_classes)
+        if self.detector != "panoptic_fpn" and self.num_stuff_classes != 0:
+            raise invalid(f"expected 0: only panoptic_fpn has stuff classes, not {self.detector}",
+                          num_stuff_classes=self.num_stuff_classes)
         self._check_detector_kwargs()
         self._resolve_anchors()
         return self
+
+    @property
+    def task(self) -> str:
+        """``"detection"`` (Faster R-CNN, RetinaNet), ``"instance"`` (Mask R-CNN), ``"semantic"``
+        (Semantic FPN, UperNet) or ``"panoptic"`` (Panoptic FPN): what the model predicts, so the
+        trainer picks the data, targets and evaluation."""
+        return TASKS[self.detector]
 
     def _check_detector_kwargs(self) -> None:
         knobs = detector_knobs(self.detector)
@@ -178,6 +247,12 @@ class ModelSpec:
                 raise invalid(f"expected a {kind}", **{f"detector_kwargs.{key}": value})
 
     def _resolve_anchors(self) -> None:
+        if self.detector not in FEATURE_MAPS:
+            given = {k: v for k, v in (("anchor_sizes", self.anchor_sizes), ("aspect_ratios", self.aspect_ratios))
+                     if v is not None}
+            if given:
+                raise invalid(f"{self.detector} has no anchors; leave it null", **given)
+            return
         levels = FEATURE_MAPS[self.detector]
         defaults = {"anchor_sizes": DEFAULT_ANCHOR_SIZES[self.detector], "aspect_ratios": DEFAULT_ASPECT_RATIOS}
         for key, default in defaults.items():
@@ -211,7 +286,8 @@ class ModelSpec:
         if isinstance(self.min_size, tuple):
             values["min_size"] = list(self.min_size)
         for key in ("anchor_sizes", "aspect_ratios"):
-            values[key] = [list(level) for level in values[key]]
+            if values[key] is not None:
+                values[key] = [list(level) for level in values[key]]
         return values
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "ModelSpec":
