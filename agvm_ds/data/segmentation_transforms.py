@@ -104,7 +104,7 @@ class RandomRescale(v2.Transform):
     """Resize keeping the aspect ratio so the image fits ``(scale[0] * r, scale[1] * r)``, r ~ U(ratio_range).
 
     As mmcv's ``imrescale``: the factor is ``min(long_cap / long_side, short_cap / short_side)``.
-    Masks are resized with nearest interpolation, the image bilinearly with antialiasing.
+    Masks are resized with (centre-aligned) nearest interpolation, the image bilinearly with antialiasing.
     """
 
     def __init__(self, scale: tuple[int, int], ratio_range: tuple[float, float]) -> None:
@@ -123,6 +123,12 @@ class RandomRescale(v2.Transform):
         return {"size": [max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            # Centre-aligned nearest, like the bilinear image resize (v2's mask default, NEAREST, is
+            # off by up to one source pixel when shrinking).
+            flat = inpt.as_subclass(torch.Tensor).reshape(-1, *inpt.shape[-2:])
+            resized = F.resize_image(flat, params["size"], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            return tv_tensors.wrap(resized.reshape(*inpt.shape[:-2], *resized.shape[-2:]), like=inpt)
         return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
 
 
