@@ -9,7 +9,7 @@ import torch
 
 from .c51 import CategoricalQNetwork, categorical_cross_entropy, distribution_entropy, project_distribution
 from .config import AgentConfig
-from .replay import ReplayBuffer
+from .replay import ReplayBuffer, Transitions
 
 __all__ = ["C51Agent", "DistillationTargets", "Outlook"]
 
@@ -45,20 +45,26 @@ class C51Agent:
         self.online = CategoricalQNetwork(obs_dim, n_actions, support, config.hidden).to(device)
         self.target = CategoricalQNetwork(obs_dim, n_actions, support, config.hidden).to(device)
         self.target.load_state_dict(self.online.state_dict())
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=config.lr, eps=config.adam_eps)
         self.replay = ReplayBuffer(config.buffer_size, obs_dim)
         self.rng = np.random.default_rng(seed)
         self.distillation: Optional[DistillationTargets] = None
         self.updates = 0
 
     def epsilon(self, step: int) -> float:
+        """Linear from ``eps_start`` to ``eps_final`` over ``eps_decay_steps`` env steps, then constant
+        (CleanRL's ``linear_schedule`` with ``duration = exploration_fraction x total_timesteps``)."""
         c = self.config
         return c.eps_start + (c.eps_final - c.eps_start) * min(1.0, step / c.eps_decay_steps)
 
-    @torch.no_grad()
+    @torch.inference_mode()
+    def greedy_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions for a batch of observations ``[n, obs_dim]``: one forward pass for all of them, which
+        is what makes evaluating several episodes at once cheap."""
+        return self.online.greedy(torch.from_numpy(np.asarray(obs, dtype=np.float32)).to(self.device)).cpu().numpy()
+
     def greedy_action(self, obs: np.ndarray) -> int:
-        obs_t = torch.as_tensor(obs, device=self.device)[None]
-        return int(self.online.q_values(self.online(obs_t)).argmax(1).item())
+        return int(self.greedy_actions(obs[None])[0])
 
     def act(self, obs: np.ndarray, step: int) -> int:
         if self.rng.random() < self.epsilon(step):
@@ -72,8 +78,11 @@ class C51Agent:
         probs = log_probs.exp()[torch.arange(len(actions), device=self.device), actions]
         return Outlook(actions=actions, probs=probs, entropy=distribution_entropy(probs))
 
-    def td_loss(self) -> torch.Tensor:
-        batch = self.replay.gather(self.rng.integers(len(self.replay), size=self.config.batch_size))
+    def td_loss(self, batch: Optional[Transitions] = None) -> torch.Tensor:
+        """The C51 loss on ``batch``, by default ``batch_size`` transitions drawn uniformly (with replacement,
+        as CleanRL's buffer does) from the replay buffer."""
+        if batch is None:
+            batch = self.replay.gather(self.rng.integers(len(self.replay), size=self.config.batch_size))
         obs, next_obs = (torch.as_tensor(x, device=self.device) for x in (batch.obs, batch.next_obs))
         actions = torch.as_tensor(batch.actions, device=self.device)
         rows = torch.arange(len(actions), device=self.device)
@@ -104,7 +113,8 @@ class C51Agent:
             stats["distill_loss"] = distill.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.config.grad_clip)
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.updates += 1
         if self.updates % self.config.target_update == 0:

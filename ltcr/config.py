@@ -38,7 +38,12 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 @section
 class AgentConfig:
-    """One C51 agent. ``v_min``/``v_max`` left empty take the environment's support (see ltcr/envs.py)."""
+    """One C51 agent. ``v_min``/``v_max`` left empty take the environment's support (see ltcr/envs.py).
+
+    ``target_update`` counts gradient steps (env steps / ``train_every``); ``grad_clip: null`` turns clipping off
+    and ``adam_eps`` is Adam's epsilon: CleanRL's c51.py, the reference our CleanRL-settings configs follow,
+    clips nothing and uses ``0.01 / batch_size``, which damps the steps of rarely-updated weights.
+    """
 
     hidden: Annotated[Items[PositiveCount], Field(min_length=1),
                       Expected("at least one hidden layer width")] = (128, 128)
@@ -47,6 +52,7 @@ class AgentConfig:
     v_max: Optional[float] = None
     gamma: Probability = 0.99
     lr: Annotated[float, Field(gt=0)] = 1e-3
+    adam_eps: Annotated[float, Field(gt=0)] = 1e-8
     batch_size: PositiveCount = 64
     buffer_size: PositiveCount = 50_000
     learning_starts: Count = 1_000
@@ -55,7 +61,7 @@ class AgentConfig:
     eps_start: Probability = 1.0
     eps_final: Probability = 0.02
     eps_decay_steps: PositiveCount = 10_000
-    grad_clip: Annotated[float, Field(gt=0)] = 10.0
+    grad_clip: Optional[Annotated[float, Field(gt=0)]] = 10.0
 
     @model_validator(mode="after")
     def _check_rules(self) -> "AgentConfig":

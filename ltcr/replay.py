@@ -57,8 +57,16 @@ class ReplayBuffer:
             self.size = min(self.size + len(index), self.capacity)
 
     def add_one(self, obs: np.ndarray, action: int, reward: float, next_obs: np.ndarray, terminated: bool) -> None:
-        self.add(Transitions(obs[None], np.array([action]), np.array([reward], np.float32), next_obs[None],
-                             np.array([float(terminated)], np.float32)))
+        """One transition written in place: called every env step, so no temporary arrays (``add`` is for
+        batches, e.g. a peer's message)."""
+        storage, i = self.storage, self.cursor
+        storage.obs[i] = obs
+        storage.actions[i] = action
+        storage.rewards[i] = reward
+        storage.next_obs[i] = next_obs
+        storage.terminated[i] = terminated
+        self.cursor = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
 
     def latest(self, count: int) -> np.ndarray:
         """Indices of the ``count`` most recently added transitions."""

@@ -6,14 +6,13 @@ import shutil
 from collections import deque
 from pathlib import Path
 
-import gymnasium as gym
 import torch
 import yaml
 from tqdm import tqdm
 
 from .agent import C51Agent
 from .config import LTCRConfig
-from .envs import Episodes, derive_seed, evaluate
+from .envs import Episodes, derive_seed, evaluate_batched, make_eval_envs
 from .logs import METRICS, RunLog, plot_run
 from .peers import init_peers
 from .transfer import TransferProtocol
@@ -36,7 +35,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         agent_config = config.agent_for(rank)
         self.episodes = Episodes(config.env, config.seed, rank)
-        self.eval_env = gym.make(config.env)
+        self.eval_envs = make_eval_envs(config.env, config.train.eval_episodes)
         self.agent = C51Agent(agent_config, self.episodes.obs_dim, self.episodes.n_actions, *config.support,
                               seed=derive_seed(config.seed, rank, 0), device=self.peers.device)
         self.protocol = None
@@ -99,8 +98,7 @@ class Trainer:
     def _evaluate_and_log(self) -> float:
         """Greedy evaluation of every agent; rank 0 logs the table. Returns the team mean evaluation return."""
         window, rank = self.window, self.peers.rank
-        eval_return = evaluate(self.eval_env, self.agent.greedy_action, self.config.train.eval_episodes,
-                               self.config.seed, rank, 2, self.step)
+        eval_return = evaluate_batched(self.eval_envs, self.agent.greedy_actions, self.config.seed, rank, 2, self.step)
         values = [eval_return, self._recent_return() if self.recent_returns else math.nan,
                   window["distill_loss"] / window["distill_steps"] if window["distill_steps"] else math.nan,
                   window["bytes_per_round"], float(self.peers.bytes_sent), self.agent.epsilon(self.step)]
