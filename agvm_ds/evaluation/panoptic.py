@@ -198,8 +198,9 @@ class PanopticEvaluator:
         for group, suffix, isthing in _GROUPS:
             records = [r for r in per_class if isthing is None or r["isthing"] == isthing]
             counted = [r for r in records if r["counted"]]
-            if not counted and records:
-                warnings.warn(f"panoptic evaluation: no {group.lower()} segment was predicted or annotated; "
+            if not counted and records and (isthing is None or metrics["N"] > 0):  # one warning when all empty
+                kind = "" if isthing is None else f"{group.lower()} "
+                warnings.warn(f"panoptic evaluation: no {kind}segment was predicted or annotated; "
                               f"PQ{suffix}, SQ{suffix}, RQ{suffix} are NaN", stacklevel=2)
             for name in ("PQ", "SQ", "RQ"):
                 metrics[name + suffix] = sum(r[name] for r in counted) / len(counted) if counted else math.nan
