@@ -420,7 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m agvm_ds.data ROOT [--num-train N] [--num-val N] [--image-size S] [--seed S]``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m agvm_ds.data", description="Generate (or reuse) the synthetic COCO shapes set.")
+    parser = argparse.ArgumentParser(
+        prog="python -m agvm_ds.data", description="Generate (or reuse) the synthetic COCO shapes set."
+    )
     parser.add_argument("root")
     parser.add_argument("--num-train", type=int, default=1000)
     parser.add_argument("--num-val", type=int, default=200)
