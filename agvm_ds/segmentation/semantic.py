@@ -31,7 +31,8 @@ class TimmStages(TimmFPNBackbone):
     For heads that build their own pyramid (UperNet's laterals belong to its decode head). The
     body, its pruning and its stage norms are the detection backbone's, so parameter names
     (``backbone.body.*``, ``backbone.norms.*``) and the AGVM ``backbone`` module are the same.
-    ``out_channels`` is the list of stage widths, finest first.
+    ``out_channels`` is the list of stage widths, finest first. (The parent's constructor builds a
+    1-channel pyramid, dropped at once: a few kilobytes, for not repeating the body set-up.)
     """
 
     def __init__(self, body: nn.Module, stage_norms: bool) -> None:
