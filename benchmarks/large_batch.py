@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 from agvm_ds.commands.train import EXIT_DIVERGED
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.loaders import build_datasets, train_loader
+from agvm_ds.engine.model_spec import experiment_spec
 from agvm_ds.engine.run_log import EVAL_FILE, TRAIN_FILE, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,7 +126,8 @@ def steps_per_run(config: ExperimentConfig, batches: Sequence[int], ranks: int) 
     """Optimizer steps of a run of ``config`` at each global batch, counted as the trainer counts them
     (the data set's non-empty images, rank 0's micro-batches, whole accumulation windows)."""
     per_rank = config.data.batch_size_per_rank
-    datasets = build_datasets(config.data, with_masks=False, seed=config.seed, is_main=True, barrier=lambda: None)
+    datasets = build_datasets(config.data, experiment_spec(config).task, seed=config.seed, is_main=True,
+                              barrier=lambda: None)
     micro_batches = len(train_loader(datasets, config.data, 0, ranks, config.seed, 0, 0))
     steps = {}
     for batch in batches:

@@ -44,6 +44,7 @@ from agvm_ds.engine.buffers import RunningStatsSnapshot
 from agvm_ds.engine.builders import build_model
 from agvm_ds.engine.config import ExperimentConfig, load_config
 from agvm_ds.engine.loaders import Datasets, build_datasets, train_loader
+from agvm_ds.engine.model_spec import experiment_spec
 from agvm_ds.engine.optim import build_optimizer
 from agvm_ds.engine.schedule import lr_multiplier, peak_lr
 from agvm_ds.engine.trained_run import TrainedRun, consolidated_state_dict
@@ -154,10 +155,10 @@ class Point:
     model: nn.Module
 
 
-def scratch_model(config: ExperimentConfig, num_categories: int) -> nn.Module:
+def scratch_model(config: ExperimentConfig, num_categories: int, num_stuff: int = 0) -> nn.Module:
     """The model the trainer builds for ``config`` (same seed, spec and resize rule)."""
     torch.manual_seed(config.seed)
-    return build_model(config, num_categories)
+    return build_model(config, num_categories, num_stuff)
 
 
 def checkpoint_model(run: TrainedRun, config: ExperimentConfig) -> nn.Module:
@@ -324,8 +325,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     batches = sorted(args.batches)
     check_batches(batches, micro, args.train_batch)
     torch.manual_seed(config.seed)
-    datasets = build_datasets(config.data, with_masks=False, seed=config.seed, is_main=True, barrier=lambda: None)
-    model = scratch_model(config, datasets.num_classes)
+    datasets = build_datasets(config.data, experiment_spec(config).task, seed=config.seed, is_main=True,
+                              barrier=lambda: None)
+    model = scratch_model(config, datasets.num_classes, datasets.num_stuff)
     modules = list(model.agvm_modules)
     print(f"variance_by_batch: model {config.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters; modules {', '.join(modules)}), training images {config.data.scales} px (max "

@@ -47,8 +47,9 @@ RANK_RECORDS = "ranks"
 #: (so that the launcher, which exits with the status of the first rank to end, reports the cause).
 PEER_EXIT_GRACE_S = 2.0
 
-NUM_CLASSES_NOTE = ("num_classes: taken from the data set at start-up (its categories + 1 background); "
-                    "the model file's value ({}) is only a default")
+NUM_CLASSES_NOTE = ("num_classes: taken from the data set at start-up (its categories + 1 background; a semantic "
+                    "model's: its classes; a panoptic model's num_stuff_classes: its stuff categories); the model "
+                    "file's value ({}) is only a default")
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -96,11 +97,14 @@ def dry_run_report(config: ExperimentConfig, world: World) -> str:
     ds_config = deepspeed_config(config)
     per_rank, gas = config.data.batch_size_per_rank, ds_config["gradient_accumulation_steps"]
     global_batch = per_rank * world.ranks * gas
+    dropped = ", those without boxes are dropped" if spec.task in ("detection", "instance") else ""
     if config.data.dataset == "synthetic":
         steps = (f"counted at start-up (at most {config.data.synthetic_train // global_batch}: "
-                 f"{config.data.synthetic_train} synthetic images, those without boxes are dropped)")
+                 f"{config.data.synthetic_train} synthetic images{dropped})")
     else:
-        steps = f"counted at start-up from {config.data.train_ann} (images without annotations are dropped)"
+        source = {"ade20k": config.data.root, "semantic_folder": config.data.train_images}.get(
+            config.data.dataset, config.data.train_ann)
+        steps = f"counted at start-up from {source}" + (" (images without annotations are dropped)" if dropped else "")
     total = f"{config.train.max_iters} (train.max_iters)" if config.train.max_iters else \
         f"{config.train.epochs} epochs x steps per epoch"
     return "\n".join([

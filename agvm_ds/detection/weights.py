@@ -5,9 +5,11 @@ DeepSpeed, no run directory, no pickle), and ``load_detector`` cannot pair weigh
 architecture, evaluation size or class list than the ones they were trained with.
 
 Metadata (JSON strings): ``format`` (:data:`FORMAT`), ``spec`` (``ModelSpec.to_dict()``, with
-``num_classes`` = classes + background and the evaluation ``min_size``/``max_size``), ``categories``
-(COCO categories ``[{"id": 3, "name": "square"}, ...]`` in label order: label k is
-``categories[k - 1]``), ``dtype`` of the stored floats, plus whatever the writer adds (``checkpoint``,
+``num_classes`` = classes + background (a semantic model: the classes) and the evaluation
+``min_size``/``max_size``), ``categories`` (COCO categories ``[{"id": 3, "name": "square"}, ...]`` in
+label order: label k is ``categories[k - 1]``; a semantic model's classes with ``id`` = label; a
+panoptic model's categories with ``isthing``, thing label k being the k-th thing, stuff label k the
+k-th stuff category), ``dtype`` of the stored floats, plus whatever the writer adds (``checkpoint``,
 ``iteration``). bf16 halves the file (2 GB instead of 4 for the 1B SwinV2 detector); the model is
 rebuilt in fp32 and the weights are widened on load.
 """
@@ -76,13 +78,30 @@ def load_detector(path: PathLike, device: Union[str, torch.device] = "cpu") -> n
 def detector_from_state_dict(state_dict: Mapping[str, torch.Tensor], spec: ModelSpec,
                              categories: Sequence[Mapping[str, Any]]) -> nn.Module:
     """Builds ``spec`` (no pretrained file is read), loads ``state_dict`` strictly, and sets ``categories``."""
-    if spec.num_classes != len(categories) + 1:
-        raise ValueError(f"model spec has num_classes={spec.num_classes}, but {len(categories)} categories "
-                         "(+1 background) were given")
+    _check_categories(spec, categories)
     model = build_detector(spec, load_pretrained=False)
     model.load_state_dict(dict(state_dict), strict=True)
     model.categories = [dict(c) for c in categories]
     return model.eval()
+
+
+def _check_categories(spec: ModelSpec, categories: Sequence[Mapping[str, Any]]) -> None:
+    """The class counts of ``spec`` match ``categories``: classes + background for a detector's
+    classifier, the classes themselves for a semantic model, thing and stuff categories (``isthing``)
+    for a panoptic one."""
+    if spec.task == "semantic":
+        if spec.num_classes != len(categories):
+            raise ValueError(f"model spec has num_classes={spec.num_classes}, but {len(categories)} classes were given")
+        return
+    things = [c for c in categories if c.get("isthing", 1)] if spec.task == "panoptic" else list(categories)
+    if spec.num_classes != len(things) + 1:
+        kind = "thing categories" if spec.task == "panoptic" else "categories"
+        raise ValueError(f"model spec has num_classes={spec.num_classes}, but {len(things)} {kind} "
+                         "(+1 background) were given")
+    stuff = len(categories) - len(things)
+    if spec.task == "panoptic" and spec.num_stuff_classes != stuff:
+        raise ValueError(f"model spec has num_stuff_classes={spec.num_stuff_classes}, but {stuff} stuff categories "
+                         "were given")
 
 
 def _size(path: PathLike) -> str:

@@ -20,11 +20,13 @@ from .step import NonFiniteGuard, StepRunner
 __all__ = ["build_model", "build_step_runner"]
 
 
-def build_model(config: ExperimentConfig, num_categories: int) -> nn.Module:
-    """The detector of ``config`` for a data set of ``num_categories``, with the trainer's resize rule:
+def build_model(config: ExperimentConfig, num_categories: int, num_stuff: int = 0) -> nn.Module:
+    """The model of ``config`` for a data set of ``num_categories`` (and ``num_stuff`` stuff categories,
+    panoptic), with the trainer's resize rule:
     a recipe that resizes (``test_resize`` derived from it) sizes training images in the data pipeline,
     so the model resizes only when the recipe does not. Seed torch's RNG first for reproducible weights."""
-    return build_detector(experiment_spec(config, num_categories), resize_in_model=config.data.test_resize() is None)
+    spec = experiment_spec(config, num_categories, num_stuff)
+    return build_detector(spec, resize_in_model=config.data.test_resize() is None)
 
 
 def build_step_runner(model: nn.Module, optimizer: AGVM, ds_config: dict[str, Any],

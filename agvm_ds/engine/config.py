@@ -38,7 +38,19 @@ TRAINER_OWNED_DEEPSPEED_KEYS = {
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
     "train_batch_size": "data.batch_size_per_rank and train.gradient_accumulation_steps (times the ranks)",
 }
-_COCO_PATH_KEYS = ("train_images", "train_ann", "val_images", "val_ann")
+#: data.dataset -> the tasks it serves and the keys it needs (``synthetic`` generates the set the model's task needs).
+DATASETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "synthetic": (("detection", "instance", "semantic", "panoptic"), ()),
+    "coco": (("detection", "instance"), ("train_images", "train_ann", "val_images", "val_ann")),
+    "coco_panoptic": (("panoptic",), ("train_images", "train_ann", "val_images", "val_ann")),
+    "ade20k": (("semantic",), ()),
+    "semantic_folder": (("semantic",), ("train_images", "train_masks", "val_images", "val_masks", "classes")),
+}
+_DATA_PATH_KINDS = {"images": "image folder", "masks": "label folder", "ann": "annotation file",
+                    "classes": "class list file", "root": "ADE20K folder"}
+#: The semantic-segmentation recipe (mmseg's ADE20K pipeline, ``data.segmentation_transforms``); the
+#: detection recipes are ``data.transforms.RECIPES``.
+SEMANTIC_RECIPE = "semseg"
 
 __all__ = [
     "DataConfig",
@@ -56,25 +68,41 @@ __all__ = [
 class DataConfig:
     """Where the images come from and how batches are made.
 
-    ``dataset: synthetic`` generates the embedded default set under ``root`` on first use;
-    ``dataset: coco`` reads ``train_images``/``train_ann`` and ``val_images``/``val_ann``.
+    ``dataset: synthetic`` generates the embedded default set of the model's task under ``root`` on
+    first use (detection: ``root`` itself; semantic and panoptic segmentation: ``root/semantic``,
+    ``root/panoptic``). ``coco`` reads ``train_images``/``train_ann`` and ``val_images``/``val_ann``;
+    ``coco_panoptic`` the same four for the panoptic JSON files, their PNG folders in
+    ``train_masks``/``val_masks`` (default: the JSON path without ``.json``); ``ade20k`` the
+    ADEChallengeData2016 folder ``root``; ``semantic_folder`` images and label PNGs
+    (``train_images``/``train_masks``, ``val_images``/``val_masks``) and a class list file ``classes``.
+
+    ``recipe: semseg`` (semantic segmentation): resize to fit ``max_size`` x ``max(scales)`` times a
+    ratio drawn from ``resize_ratio``, random crop of ``crop_size`` with at most ``cat_max_ratio`` of
+    one class, flip, photometric distortion; evaluation at ``max(scales)`` / ``max_size``.
     """
 
-    dataset: Literal["synthetic", "coco"] = "synthetic"
+    dataset: Literal[tuple(DATASETS)] = "synthetic"
     root: str = "data/synthetic"
     train_images: Optional[str] = None
     train_ann: Optional[str] = None
     val_images: Optional[str] = None
     val_ann: Optional[str] = None
+    train_masks: Optional[str] = None
+    val_masks: Optional[str] = None
+    classes: Optional[str] = None
     synthetic_train: PositiveCount = 600
     synthetic_val: PositiveCount = 100
     synthetic_size: PositiveCount = 256
     batch_size_per_rank: PositiveCount = 2
     num_workers: Count = 2
-    recipe: Literal[RECIPES] = "multiscale"
+    recipe: Literal[RECIPES + (SEMANTIC_RECIPE,)] = "multiscale"
     scales: Annotated[Items[PositiveCount], Field(min_length=1)] = (640, 672, 704, 736, 768, 800)
     max_size: PositiveCount = 1333
     lsj_size: PositiveCount = 1024
+    crop_size: PositiveCount = 512
+    resize_ratio: Annotated[Items[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2),
+                            Expected("two positive numbers [low, high]")] = (0.5, 2.0)
+    cat_max_ratio: Annotated[float, Field(gt=0, le=1)] = 0.75
     aspect_ratio_grouping: bool = True
     with_masks: Optional[bool] = None  # None: whatever the model needs
     test_size: Optional[PositiveCount] = None
@@ -82,10 +110,11 @@ class DataConfig:
 
     @model_validator(mode="after")
     def _check_paths_and_test_size(self) -> "DataConfig":
-        if self.dataset == "coco":
-            missing = [k for k in _COCO_PATH_KEYS if not getattr(self, k)]
-            if missing:
-                raise ValueError(f"data.dataset=coco needs data.{', data.'.join(missing)}")
+        missing = [k for k in DATASETS[self.dataset][1] if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"data.dataset={self.dataset} needs data.{', data.'.join(missing)}")
+        if self.resize_ratio[0] > self.resize_ratio[1]:
+            raise ValueError(f"data.resize_ratio={list(self.resize_ratio)!r}: expected [low, high] with low <= high")
         if self.recipe in ("none", "hflip") and (self.test_size is None) != (self.test_max_size is None):
             raise ValueError(
                 f"data.test_size={self.test_size!r}, data.test_max_size={self.test_max_size!r}: recipe "
@@ -105,11 +134,13 @@ class DataConfig:
         Evaluation must see images at the resolution training saw them, so unless ``test_size`` /
         ``test_max_size`` are given they come from the training recipe: ``multiscale`` evaluates at
         its largest scale (``max(scales)``, ``max_size``), as detectron2's and the torchvision
-        references' multi-scale recipes do; ``lsj`` at ``lsj_size``. ``none`` and ``hflip`` do not
+        references' multi-scale recipes do; ``semseg`` at its base scale (mmseg's test resize);
+        ``lsj`` at ``lsj_size``. ``none`` and ``hflip`` do not
         resize: the model spec's ``min_size``/``max_size`` then drive training and evaluation alike.
         A single given value keeps the other from the recipe.
         """
         derived = {"multiscale": (max(self.scales), self.max_size),
+                   SEMANTIC_RECIPE: (max(self.scales), self.max_size),
                    "lsj": (self.lsj_size, self.lsj_size)}.get(self.recipe)
         if derived is None and self.test_size is None:
             return None
@@ -151,16 +182,17 @@ class ScheduleConfig:
     """Warm-up then decay, as multipliers of the peak learning rate.
 
     ``milestones`` are fractions of the total iterations for ``decay: step`` (the paper's 16-epoch
-    COCO recipe steps at 12/16 and 14/16).
+    COCO recipe steps at 12/16 and 14/16); ``power`` is the exponent of ``decay: poly``.
     """
 
     warmup: Literal["linear", "exponential", "none"] = "linear"
     warmup_iters: Count = 100
     warmup_ratio: Annotated[float, Field(gt=0, le=1)] = 0.001
-    decay: Literal["step", "cosine", "none"] = "step"
+    decay: Literal["step", "cosine", "poly", "none"] = "step"
     milestones: Items[Annotated[float, Field(gt=0, lt=1), Expected("fractions of the run in (0, 1)")]] = (0.75, 0.875)
     gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    power: Annotated[float, Field(gt=0)] = 1.0
 
 
 @section
@@ -224,7 +256,7 @@ class ExperimentConfig:
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Reads an experiment file (a path, or a shipped name: ``synthetic_tiny``) or the defaults, applies
     ``key.sub=value`` overrides, and checks what the config refers to: the model definition with its
-    overrides, the DeepSpeed JSON file and, for ``data.dataset: coco``, the image folders and annotation files.
+    overrides, the DeepSpeed JSON file, the data set's folders and files, and that the data set serves the model's task.
 
     Raises:
         ValueError: one line naming the key (and the file) at fault and what is allowed.
@@ -247,19 +279,31 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Seque
 
 
 def _check_references(config: ExperimentConfig) -> None:
-    """The files and definitions a config names exist and are what they should be (see ``load_config``)."""
+    """The files and definitions a config names exist and fit together (see ``load_config``): the model's
+    task is one the data set serves, a semantic model trains with the ``semseg`` recipe (and only it)."""
     try:
-        load_spec(config.model, config.model_overrides)
+        spec = load_spec(config.model, config.model_overrides)
     except FileNotFoundError as error:
         raise ValueError(f"model={config.model!r}: {error}") from None
     _check_deepspeed_file(config.deepspeed)
-    if config.data.dataset == "coco":
-        for key in _COCO_PATH_KEYS:
-            path = Path(getattr(config.data, key))
-            is_dir = key.endswith("_images")
-            if not (path.is_dir() if is_dir else path.is_file()):
-                what = "image folder" if is_dir else "annotation file"
-                raise ValueError(f"data.{key}={str(path)!r}: {what} not found")
+    data = config.data
+    tasks, keys = DATASETS[data.dataset]
+    if spec.task not in tasks:
+        serving = sorted(name for name, (served, _) in DATASETS.items() if spec.task in served)
+        raise ValueError(f"data.dataset={data.dataset}: model {config.model!r} is a {spec.task} model; "
+                         f"data sets for {spec.task}: {', '.join(serving)}")
+    if (spec.task == "semantic") != (data.recipe == SEMANTIC_RECIPE):
+        raise ValueError(f"data.recipe={data.recipe}: {'semantic' if spec.task == 'semantic' else spec.task} models "
+                         + ("train with recipe semseg" if spec.task == "semantic"
+                            else f"train with one of {', '.join(RECIPES)}"))
+    paths = {key: getattr(data, key) for key in keys + ("train_masks", "val_masks") if getattr(data, key)}
+    if data.dataset == "ade20k":
+        paths = {"root": data.root}
+    for key, value in paths.items():
+        what = _DATA_PATH_KINDS[key.split("_")[-1]]
+        path = Path(value)
+        if not (path.is_dir() if what.endswith("folder") else path.is_file()):
+            raise ValueError(f"data.{key}={value!r}: {what} not found")
 
 
 def deepspeed_file(deepspeed: str) -> Path:

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data import CocoDetection, SyntheticPaths, build_detection_loader, build_transforms, make_synthetic_coco
+from ..data import CocoDetection, build_detection_loader, build_transforms, make_synthetic_coco
+from ..data.panoptic import CocoPanoptic
+from ..data.segmentation_transforms import build_panoptic_transforms, build_semantic_transforms
+from ..data.semantic import ADE20K_CLASSES, SemanticSegmentation, read_class_names
+from ..data.synthetic_segmentation import make_synthetic_panoptic, make_synthetic_semantic
 from ..seeding import sample_seed
 from .config import DataConfig
 
-__all__ = ["Datasets", "SeededSamples", "TrainLoaders", "build_datasets", "train_loader", "val_loader", "val_split"]
+__all__ = ["Datasets", "SeededSamples", "TrainLoaders", "build_datasets", "split_sources", "train_loader", "val_loader"]
 
 
 class SeededSamples(Dataset):
@@ -41,47 +46,86 @@ class SeededSamples(Dataset):
 
 @dataclass
 class Datasets:
+    """Both splits of an experiment, for the model's ``task`` (``ModelSpec.task``)."""
+
     train: SeededSamples
-    val: CocoDetection
+    val: Any  # CocoDetection, SemanticSegmentation or CocoPanoptic
+    task: str
 
     @property
     def num_classes(self) -> int:
-        return self.val.num_classes
+        """The class count the model's classifier is sized from: categories (detection), classes
+        (semantic), thing categories (panoptic)."""
+        return self.val.num_things if self.task == "panoptic" else self.val.num_classes
+
+    @property
+    def num_stuff(self) -> int:
+        """Stuff categories of a panoptic data set; 0 for the other tasks."""
+        return self.val.num_stuff if self.task == "panoptic" else 0
 
 
-def build_datasets(
-    config: DataConfig, with_masks: bool, seed: int, is_main: bool, barrier: Callable[[], None]
-) -> Datasets:
-    """Builds both splits; the synthetic set is generated once, by the main rank, before the others read it."""
+def build_datasets(config: DataConfig, task: str, seed: int, is_main: bool, barrier: Callable[[], None],
+                   with_masks: bool = False) -> Datasets:
+    """Builds both splits for ``task``; a synthetic set is generated once, by the main rank, before the
+    others read it. ``with_masks``: detection data decodes instance masks (Mask R-CNN)."""
     if config.dataset == "synthetic" and is_main:
-        _synthetic(config)
+        _synthetic(config, task)
     barrier()
-    train_images, train_ann, val_images, val_ann = _split_paths(config)
-    train_transforms = build_transforms(
-        True, config.recipe, min_size=config.scales, max_size=config.max_size, lsj_size=config.lsj_size
-    )
-    train = CocoDetection(train_images, train_ann, train_transforms, with_masks=with_masks, remove_empty=True)
-    val = CocoDetection(val_images, val_ann, build_transforms(False, config.recipe), with_masks=with_masks)
-    return Datasets(SeededSamples(train, seed), val)
+    train_source, val_source = split_sources(config, task)
+    train = build_split(config, task, train_source, train=True, with_masks=with_masks)
+    val = build_split(config, task, val_source, train=False, with_masks=with_masks)
+    return Datasets(SeededSamples(train, seed), val, task)
 
 
-def val_split(config: DataConfig) -> tuple[str, str]:
-    """(image folder, annotation file) of the validation split; the synthetic set is generated if missing."""
-    _, _, images, ann = _split_paths(config)
-    return str(images), str(ann)
+def build_split(config: DataConfig, task: str, source: tuple[Any, ...], train: bool, with_masks: bool = False) -> Any:
+    """One split's dataset for ``task`` from ``source`` (see :func:`split_sources`), with the recipe's
+    training transforms or the evaluation ones (the model resizes evaluation images itself)."""
+    if task == "semantic":
+        transforms = build_semantic_transforms(
+            train, scale=(config.max_size, max(config.scales)), ratio_range=tuple(config.resize_ratio),
+            crop_size=config.crop_size, cat_max_ratio=config.cat_max_ratio)
+        images, labels, classes = source
+        if classes == ADE20K_CLASSES:
+            return SemanticSegmentation(images, labels, classes, transforms, reduce_zero_label=True)
+        return SemanticSegmentation(images, labels, read_class_names(classes), transforms)
+    recipe = dict(recipe=config.recipe, min_size=config.scales, max_size=config.max_size, lsj_size=config.lsj_size)
+    if task == "panoptic":
+        return CocoPanoptic(*source, transforms=build_panoptic_transforms(train, **recipe))
+    return CocoDetection(*source[:2], build_transforms(train, **recipe), with_masks=with_masks, remove_empty=train)
 
 
-def _split_paths(config: DataConfig) -> tuple[Any, Any, Any, Any]:
-    """Train images, train annotations, val images, val annotations."""
+def split_sources(config: DataConfig, task: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """What each split is read from, for ``task``: (images, annotation file, PNG folder or None) for
+    detection and panoptic data; (images, label folder, class list file or ``ADE20K_CLASSES``) for semantic
+    data. The synthetic set is generated if missing."""
     if config.dataset == "synthetic":
-        paths = _synthetic(config)
-        return paths.train_images, paths.train_ann, paths.val_images, paths.val_ann
-    return config.train_images, config.train_ann, config.val_images, config.val_ann
+        paths = _synthetic(config, task)
+        if task == "semantic":
+            return ((paths.train_images, paths.train_labels, paths.classes_file),
+                    (paths.val_images, paths.val_labels, paths.classes_file))
+        if task == "panoptic":
+            return ((paths.train_images, paths.train_ann, paths.train_masks),
+                    (paths.val_images, paths.val_ann, paths.val_masks))
+        return (paths.train_images, paths.train_ann, None), (paths.val_images, paths.val_ann, None)
+    if config.dataset == "ade20k":
+        root = Path(config.root)
+        return tuple((root / "images" / split, root / "annotations" / split, ADE20K_CLASSES)
+                     for split in ("training", "validation"))
+    if config.dataset == "semantic_folder":
+        return ((config.train_images, config.train_masks, config.classes),
+                (config.val_images, config.val_masks, config.classes))
+    return ((config.train_images, config.train_ann, config.train_masks),
+            (config.val_images, config.val_ann, config.val_masks))
 
 
-def _synthetic(config: DataConfig) -> SyntheticPaths:
-    """The synthetic set of ``config`` (reused when its stamp matches, generated otherwise)."""
-    return make_synthetic_coco(config.root, config.synthetic_train, config.synthetic_val, config.synthetic_size, seed=0)
+def _synthetic(config: DataConfig, task: str) -> Any:
+    """The synthetic set of ``config`` for ``task`` (reused when its stamp matches, generated otherwise)."""
+    sizes = (config.synthetic_train, config.synthetic_val, config.synthetic_size)
+    if task == "semantic":
+        return make_synthetic_semantic(Path(config.root) / "semantic", *sizes, seed=0)
+    if task == "panoptic":
+        return make_synthetic_panoptic(Path(config.root) / "panoptic", *sizes, seed=0)
+    return make_synthetic_coco(config.root, *sizes, seed=0)
 
 
 def train_loader(datasets: Datasets, config: DataConfig, rank: int, world: int, seed: int, epoch: int,

@@ -15,11 +15,14 @@ from .config import ExperimentConfig
 __all__ = ["experiment_spec", "trains_masks"]
 
 
-def experiment_spec(config: ExperimentConfig, num_categories: Optional[int] = None) -> ModelSpec:
+def experiment_spec(config: ExperimentConfig, num_categories: Optional[int] = None,
+                    num_stuff: Optional[int] = None) -> ModelSpec:
     """The spec of ``config.model`` with its overrides, resized for evaluation as the data recipe trains.
 
-    ``num_categories`` (the data set's, without the background) sets ``num_classes`` to that plus one;
-    left out, the definition's value stays, as a default for reports made before the data is read.
+    ``num_categories`` (the data set's classes; for panoptic data its thing categories) sets
+    ``num_classes``: that plus one for the background of a detector's classifier, that alone for a
+    semantic model; ``num_stuff`` sets a panoptic model's ``num_stuff_classes``. Left out, the
+    definition's values stay, as defaults for reports made before the data is read.
     A ``model_overrides`` size that conflicts with the recipe's evaluation size is an error.
     """
     spec = load_spec(config.model, config.model_overrides)
@@ -37,11 +40,14 @@ def experiment_spec(config: ExperimentConfig, num_categories: Optional[int] = No
             )
         spec = spec.with_overrides(derived)
     if num_categories is not None:
-        spec = spec.with_overrides({"num_classes": num_categories + 1})
+        background = 0 if spec.task == "semantic" else 1
+        spec = spec.with_overrides({"num_classes": num_categories + background})
+    if num_stuff is not None and spec.task == "panoptic":
+        spec = spec.with_overrides({"num_stuff_classes": num_stuff})
     return spec
 
 
 def trains_masks(config: ExperimentConfig, spec: ModelSpec) -> bool:
-    """Whether the experiment trains (and so evaluates) instance masks: ``data.with_masks`` if set,
-    else whether the detector has a mask head (Mask R-CNN)."""
-    return spec.detector == "mask_rcnn" if config.data.with_masks is None else config.data.with_masks
+    """Whether the experiment trains (and so evaluates) instance masks of detection data:
+    ``data.with_masks`` if set, else whether the detector has a mask head (Mask R-CNN)."""
+    return spec.task == "instance" if config.data.with_masks is None else config.data.with_masks

@@ -2,7 +2,8 @@
 
 - ``agvm_phi.png``: per-module gradient variance proxy phi against iteration (the paper's Figure 1);
 - ``agvm_factor.png``: per-module AGVM learning-rate factor against iteration;
-- ``loss.png``: training loss and its components; ``map.png``: COCO AP against iteration.
+- ``loss.png``: training loss and its components; ``map.png``: the validation metrics against iteration
+  (COCO AP, mIoU or PQ).
 """
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from typing import Optional
 
 from .run_log import EVAL_FILE, TRAIN_FILE, read_records
 
-__all__ = ["plot_run"]
+__all__ = ["EVAL_CURVES", "plot_run"]
+
+#: The evaluation curves of ``map.png``: metric kind in ``eval_log.jsonl`` -> the metrics drawn.
+EVAL_CURVES = {"bbox": ("AP", "AP50"), "segm": ("AP", "AP50"), "sem_seg": ("mIoU", "mAcc"),
+               "panoptic": ("PQ", "PQ_th", "PQ_st")}
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
@@ -66,11 +71,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     if evals:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for iou_type in [k for k in ("bbox", "segm") if k in evals[0]]:
-            for metric in ("AP", "AP50"):
-                ax.plot([r["iteration"] for r in evals], [r[iou_type][metric] for r in evals],
-                        marker="o", label=f"{iou_type} {metric}")
-        ax.set(xlabel="iteration", ylabel="COCO metric")
+        for kind, metrics in EVAL_CURVES.items():
+            if kind in evals[0]:
+                for metric in metrics:
+                    ax.plot([r["iteration"] for r in evals], [r[kind][metric] for r in evals],
+                            marker="o", label=f"{kind} {metric}")
+        ax.set(xlabel="iteration", ylabel="validation metric")
         ax.legend()
         ax.grid(alpha=0.3)
         save(fig, "map.png")

@@ -27,6 +27,7 @@ def lr_multiplier(config: ScheduleConfig, total_iters: int) -> Callable[[int], f
     Warm-up, as in mmcv (which the official AGVM configs use): linear ramps from ``warmup_ratio``
     to 1; exponential is ``warmup_ratio ** (1 - it / warmup_iters)``. Decay then follows over the
     whole run: ``step`` multiplies by ``gamma`` at each milestone fraction, ``cosine`` anneals to
+    ``min_lr_ratio``, ``poly`` (mmseg's segmentation default) falls as ``(1 - progress) ** power`` to
     ``min_lr_ratio``.
     """
     milestones = [round(m * total_iters) for m in config.milestones]
@@ -38,6 +39,9 @@ def lr_multiplier(config: ScheduleConfig, total_iters: int) -> Callable[[int], f
         elif config.decay == "cosine":
             progress = min(it / max(total_iters, 1), 1.0)
             value = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif config.decay == "poly":
+            progress = min(it / max(total_iters, 1), 1.0)
+            value = config.min_lr_ratio + (1 - config.min_lr_ratio) * (1 - progress) ** config.power
         else:
             value = 1.0
         if it < warmup_iters:

@@ -17,11 +17,13 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..data.semantic import ADE20K_CLASSES, read_class_names
 from ..data.synthetic import CATEGORIES
 from ..detection import ModelSpec
 from ..detection.weights import detector_from_state_dict
 from . import checkpointing
 from .config import ExperimentConfig, load_config
+from .loaders import split_sources
 from .model_spec import experiment_spec
 
 __all__ = ["TrainedRun", "command_parser", "consolidated_state_dict", "find_checkpoint", "run_categories",
@@ -48,7 +50,9 @@ class TrainedRun:
         config = load_config(config_file)
         checkpoint = find_checkpoint(run_dir, tag)
         categories = tuple(run_categories(config))
-        return cls(run_dir, config, checkpoint, experiment_spec(config, len(categories)), categories)
+        things = sum(1 for c in categories if c.get("isthing", 1))
+        spec = experiment_spec(config, things, len(categories) - things)
+        return cls(run_dir, config, checkpoint, spec, categories)
 
 
 def find_checkpoint(run_dir: Path, tag: Optional[str] = None) -> checkpointing.Checkpoint:
@@ -61,13 +65,22 @@ def find_checkpoint(run_dir: Path, tag: Optional[str] = None) -> checkpointing.C
 
 
 def run_categories(config: ExperimentConfig) -> list[dict[str, Any]]:
-    """The run's COCO categories (``id``, ``name``) in label order: sorted by id, as ``CocoDetection`` maps them."""
-    if config.data.dataset == "synthetic":
+    """The run's categories in label order: COCO categories (``id``, ``name``) sorted by id, as
+    ``CocoDetection`` maps them; panoptic ones with ``isthing``; a semantic model's classes with
+    ``id`` = label."""
+    task = experiment_spec(config).task
+    if task == "semantic":
+        _, (_, _, classes) = split_sources(config.data, task)
+        names = classes if classes == ADE20K_CLASSES else read_class_names(classes)
+        return [{"id": label, "name": name} for label, name in enumerate(names)]
+    if config.data.dataset == "synthetic" and task != "panoptic":
         categories = CATEGORIES
     else:
-        with open(config.data.val_ann, encoding="utf-8") as f:
+        _, (_, ann, _) = split_sources(config.data, task)
+        with open(ann, encoding="utf-8") as f:
             categories = json.load(f).get("categories", [])
-    return [{"id": c["id"], "name": c["name"]} for c in sorted(categories, key=lambda c: c["id"])]
+    keys = ("id", "name", "isthing") if task == "panoptic" else ("id", "name")
+    return [{k: c[k] for k in keys} for c in sorted(categories, key=lambda c: c["id"])]
 
 
 def consolidated_state_dict(checkpoint: checkpointing.Checkpoint) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from ..agvm import AGVM
 from ..detection import ModelSpec
-from ..evaluation import CocoEvaluator, format_coco_summary
 from ..seeding import step_seed
 from . import checkpointing
 from .buffers import average_running_stats
@@ -27,7 +26,8 @@ from .builders import build_model, build_step_runner
 from .config import ExperimentConfig
 from .deepspeed_config import deepspeed_config
 from .distributed import init_distributed
-from .loaders import TrainLoaders, build_datasets, val_loader
+from .evaluators import build_evaluator, format_metrics
+from .loaders import Datasets, TrainLoaders, build_datasets, val_loader
 from .model_spec import experiment_spec, trains_masks
 from .optim import build_optimizer, describe
 from .plots import plot_run
@@ -72,12 +72,14 @@ class Trainer:
             torch.set_num_threads(_cpu_threads_per_rank(self.world))
             return_freed_tensors_at_once()
 
-        with_masks = trains_masks(config, experiment_spec(config))
+        defined = experiment_spec(config)
+        with_masks = trains_masks(config, defined)
         self.iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-        self.datasets = build_datasets(config.data, with_masks, config.seed, self.is_main, dist.barrier)
-        self.spec = experiment_spec(config, self.datasets.num_classes)
+        self.datasets = build_datasets(config.data, defined.task, config.seed, self.is_main, dist.barrier,
+                                       with_masks=with_masks)
+        self.spec = experiment_spec(config, self.datasets.num_classes, self.datasets.num_stuff)
         self.train_loader = TrainLoaders(self.datasets, config.data, self.rank, self.world, config.seed)
-        model = build_model(config, self.datasets.num_classes)
+        model = build_model(config, self.datasets.num_classes, self.datasets.num_stuff)
 
         if checkpoint is not None and checkpoint.needs_universal_load(self.world, ds_config):
             ds_config = checkpointing.with_universal_load(ds_config)
@@ -143,8 +145,8 @@ class Trainer:
         training_size = (f"training images resized by recipe {self.config.data.recipe!r}" if resize is not None
                          else f"training images resized by the model to {_sizes(spec)}")
         return (
-            f"model {spec.name} ({modules}); {spec.num_classes} classes with background (from the data set's "
-            f"{self.datasets.num_classes} categories); {training_size}, evaluation images to {_sizes(spec)}; "
+            f"model {spec.name} ({modules}); {_classes(spec, self.datasets)}; {training_size}, "
+            f"evaluation images to {_sizes(spec)}; "
             f"{self.world} rank(s) x {self.config.data.batch_size_per_rank} images x "
             f"{self.gas} accumulation = batch {self.global_batch}; peak lr {lr:.4g}; {self.steps_per_epoch} "
             f"steps/epoch, {self.total_iters} steps; ZeRO stage {self.engine.zero_optimization_stage()}, "
@@ -237,24 +239,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """COCO metrics on the validation split, all ranks sharing the images (and BatchNorm statistics)."""
+        """The task's metrics on the validation split (COCO AP, mIoU or PQ), all ranks sharing the images
+        (and BatchNorm statistics)."""
         average_running_stats(self.engine.module)
         even = self.engine.zero_optimization_stage() == 3  # ZeRO-3 forward is collective
-        evaluator = CocoEvaluator(self.datasets.val.coco, self.iou_types, self.datasets.val.contiguous_to_category_id)
+        evaluator = build_evaluator(self.spec.task, self.datasets.val, self.iou_types)
         self.engine.eval()
         device = self.engine.device
         for images, targets in tqdm(val_loader(self.datasets, self.config.data, self.rank, self.world, even),
                                     desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True):
-            outputs = self.engine([image.to(device, self.dtype) for image in images])
-            evaluator.update([{k: v.float().cpu() for k, v in o.items()} for o in outputs],
-                             [t["image_id"] for t in targets])
+            evaluator.update(self.engine([image.to(device, self.dtype) for image in images]), targets)
         self.engine.train()
         metrics = evaluator.evaluate(self.run_dir / "eval")
         it = self.engine.global_steps
         self.last_metrics = {"iteration": it, "epoch": self.epoch, **metrics}
         self.log.eval(self.last_metrics)
+        self._info(f"iteration {it} {format_metrics(metrics)}")
         for iou_type, values in metrics.items():
-            self._info(f"iteration {it} {iou_type}:\n{format_coco_summary(values)}")
             self.engine.monitor.write_events(
                 [(f"Eval/{iou_type}_{name}", value, self.engine.global_samples) for name, value in values.items()])
         return self.last_metrics
@@ -270,6 +271,14 @@ class Trainer:
         self.saved_iteration = self.engine.global_steps
         checkpointing.save(self.engine, self.run_dir, self.engine.global_steps, state,
                            self.config.train.keep_checkpoints, self.is_main)
+
+
+def _classes(spec: ModelSpec, datasets: Datasets) -> str:
+    if spec.task == "semantic":
+        return f"{spec.num_classes} classes (the data set's)"
+    classes = (f"{spec.num_classes} classes with background (from the data set's {datasets.num_classes} "
+               f"{'thing ' if spec.task == 'panoptic' else ''}categories)")
+    return classes + (f", {spec.num_stuff_classes} stuff classes" if spec.task == "panoptic" else "")
 
 
 def _sizes(spec: ModelSpec) -> str:

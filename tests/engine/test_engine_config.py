@@ -25,7 +25,10 @@ def test_every_shipped_experiment_config_loads(tmp_path):
     configs = sorted(Path("configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        config = load_config(path, coco_paths(tmp_path) if "dataset: coco" in path.read_text() else [])
+        text = path.read_text()
+        overrides = coco_paths(tmp_path) if "dataset: coco" in text else []
+        overrides += [f"data.root={tmp_path}"] if "dataset: ade20k" in text else []
+        config = load_config(path, overrides)
         assert Path(config.deepspeed).is_file(), path
 
 
@@ -55,6 +58,9 @@ def test_unknown_agvm_key_lists_agvm_keys():
     ("train.epochs=zero", "train.epochs='zero': expected int"),
     ("agvm.ema=1.5", "ema=1.5 is invalid"),
     ("data.dataset=coco", "data.dataset=coco needs data.train_images"),
+    ("data.dataset=semantic_folder", "data.dataset=semantic_folder needs data.train_images, data.train_masks, "
+                                     "data.val_images, data.val_masks, data.classes"),
+    ("data.resize_ratio=[2.0,0.5]", "data.resize_ratio=[2.0, 0.5]: expected [low, high] with low <= high"),
     ("schedule.milestones=[0.5,1.5]", "fractions of the run in (0, 1)"),
     ("data.test_size=0", "data.test_size=0: expected an integer >= 1"),
     ("train.max_consecutive_skips=0", "train.max_consecutive_skips=0: expected an integer >= 1"),
@@ -84,7 +90,7 @@ def test_unknown_agvm_key_lists_agvm_keys():
     ("data.max_size=0", "data.max_size=0: expected an integer >= 1"),
     ("data.lsj_size=-1", "data.lsj_size=-1: expected an integer >= 1"),
     ("data.synthetic_size=0", "data.synthetic_size=0: expected an integer >= 1"),
-    ("data.recipe=mosaic", "data.recipe='mosaic': expected one of ['none', 'hflip', 'multiscale', 'lsj']"),
+    ("data.recipe=mosaic", "data.recipe='mosaic': expected one of ['none', 'hflip', 'multiscale', 'lsj', 'semseg']"),
 ])
 def test_bad_values_are_refused_naming_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ValueError) as error:
@@ -126,6 +132,11 @@ def test_exponential_warmup_matches_the_official_recipe():
 def test_cosine_decay_reaches_the_floor():
     f = lr_multiplier(ScheduleConfig(warmup="none", decay="cosine", min_lr_ratio=0.05), 100)
     assert f(0) == 1.0 and f(50) == pytest.approx(0.525) and f(100) == pytest.approx(0.05)
+
+
+def test_poly_decay_is_mmsegs():
+    f = lr_multiplier(ScheduleConfig(warmup="none", decay="poly", power=0.9, min_lr_ratio=0.0), 100)
+    assert f(0) == 1.0 and f(50) == pytest.approx(0.5 ** 0.9) and f(100) == 0.0
 
 
 def test_plot_command_writes_the_figures(tmp_path, capsys):
@@ -245,6 +256,19 @@ def test_deepspeed_file_is_checked_at_load_time_and_the_shipped_ones_listed(tmp_
     broken.write_text("{\"zero_optimization\": ")
     with pytest.raises(ValueError, match=f"deepspeed='{broken}': not a JSON file"):
         load_config(None, [f"deepspeed={broken}"])
+
+
+def test_a_data_set_must_serve_the_models_task(tmp_path):
+    with pytest.raises(ValueError, match=r"data.dataset=ade20k: model 'faster_rcnn_r18_tiny' is a detection model; "
+                                         r"data sets for detection: coco, synthetic"):
+        load_config(None, ["data.dataset=ade20k", f"data.root={tmp_path}"])
+    with pytest.raises(ValueError, match=r"data.recipe=multiscale: semantic models train with recipe semseg"):
+        load_config(None, ["model=semantic_fpn_r18_tiny"])
+    with pytest.raises(ValueError, match=r"data.recipe=semseg: detection models train with one of none, hflip"):
+        load_config(None, ["data.recipe=semseg"])
+    with pytest.raises(ValueError, match=r"data.root='.*nowhere': ADE20K folder not found"):
+        load_config(None, ["model=upernet_r18_tiny", "data.recipe=semseg", "data.dataset=ade20k",
+                           f"data.root={tmp_path / 'nowhere'}"])
 
 
 def test_coco_data_paths_must_exist_at_load_time(tmp_path):
