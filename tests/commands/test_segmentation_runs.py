@@ -3,6 +3,7 @@ agvm-eval, agvm-export and agvm-predict in one process, and an exact resume."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,14 +86,18 @@ def test_predict_writes_a_colour_png_and_a_json_per_image(trained, tmp_path):
 
 @pytest.mark.parametrize("task", ["semantic", "panoptic"])
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(task, tmp_path):
-    """4 steps straight against 2 steps, then --resume auto to 4: the same losses and the same metric."""
-    common = ("train.checkpoint_iters=2", "train.eval_interval=100", "train.checkpoint_interval=100")
-    train(task, tmp_path / "straight", tmp_path / "data", "train.max_iters=4", *common)
-    train(task, tmp_path / "resumed", tmp_path / "data", "train.max_iters=2", *common)
+    """4 steps straight; then a copy of the run cut back to its step-2 checkpoint, continued with
+    --resume auto to step 4: the same losses and the same metric."""
+    common = ("train.max_iters=4", "train.checkpoint_iters=2", "train.eval_interval=100",
+              "train.checkpoint_interval=100")
+    train(task, tmp_path / "straight", tmp_path / "data", *common)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    shutil.rmtree(checkpoints / "iter_00000004")
+    (checkpoints / "latest").write_text("iter_00000002")
     output = finish(agvm_train(["--config", CONFIGS[task], "--resume", "auto",
-                                *tiny_overrides(tmp_path / "resumed", tmp_path / "data", "train.max_iters=4",
-                                                *common)], ranks=2))
-    assert "resumed from" in output
+                                *tiny_overrides(tmp_path / "resumed", tmp_path / "data", *common)], ranks=2))
+    assert "resumed from" in output and "at iteration 2" in output
     losses = [[r["loss"] for r in read_records(tmp_path / name / "train_log.jsonl")]
               for name in ("straight", "resumed")]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
