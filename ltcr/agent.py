@@ -50,6 +50,9 @@ class C51Agent:
         self.rng = np.random.default_rng(seed)
         self.distillation: Optional[DistillationTargets] = None
         self.updates = 0
+        self._online_params = list(self.online.parameters())
+        self._numpy_pointers: list[int] = []
+        self._numpy_cache: list[tuple[np.ndarray, np.ndarray]] = []
 
     def epsilon(self, step: int) -> float:
         """Linear from ``eps_start`` to ``eps_final`` over ``eps_decay_steps`` env steps, then constant
@@ -64,7 +67,30 @@ class C51Agent:
         return self.online.greedy(torch.from_numpy(np.asarray(obs, dtype=np.float32)).to(self.device)).cpu().numpy()
 
     def greedy_action(self, obs: np.ndarray) -> int:
-        return int(self.greedy_actions(obs[None])[0])
+        """The greedy action for one observation, as acting needs it every env step. On CPU the same forward
+        pass runs in numpy on views of the network's weights: at batch 1 torch's per-operation dispatch costs
+        about three times the arithmetic (40 us against 13 us per call for a 120-84 network)."""
+        if self.device.type != "cpu":
+            return int(self.greedy_actions(obs[None])[0])
+        *hidden, (weight, bias) = self._numpy_layers()
+        x = np.asarray(obs, dtype=np.float32)
+        for w, b in hidden:
+            x = np.maximum(w @ x + b, 0.0)
+        logits = (weight @ x + bias).reshape(self.n_actions, -1)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        return int(((probs @ self._support) / probs.sum(1)).argmax())
+
+    def _numpy_layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """numpy views (shared memory, no copy) of the online network's Linear weights and biases. Optimizer steps
+        and ``load_state_dict`` write the parameters in place, so the views stay current; they are rebuilt only if
+        a parameter's storage moved."""
+        pointers = [p.data_ptr() for p in self._online_params]
+        if pointers != self._numpy_pointers:
+            self._numpy_pointers = pointers
+            self._numpy_cache = [(layer.weight.detach().numpy(), layer.bias.detach().numpy())
+                                 for layer in self.online.body if isinstance(layer, torch.nn.Linear)]
+            self._support = self.online.support.numpy()
+        return self._numpy_cache
 
     def act(self, obs: np.ndarray, step: int) -> int:
         if self.rng.random() < self.epsilon(step):

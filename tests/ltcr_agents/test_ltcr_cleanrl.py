@@ -168,3 +168,21 @@ def test_cleanrl_settings_learn_cartpole_in_a_short_run(tmp_path):
     Trainer(config).train()
     returns = [float(r["eval_return"]) for r in read_metrics(tmp_path / "metrics.csv") if r["agent"] == "team"]
     assert returns[-1] >= 150, returns  # an untrained greedy policy scores about 9-10, a random one about 22
+
+
+def test_numpy_greedy_action_follows_the_network_through_training_and_loading():
+    config = load_config("cartpole_cleanrl", ["agent.learning_starts=128"]).agent
+    agent = C51Agent(config, 4, 2, -100.0, 100.0, seed=0, device=torch.device("cpu"))
+    other = C51Agent(config, 4, 2, -100.0, 100.0, seed=5, device=torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    for _ in range(512):
+        agent.replay.add_one(rng.normal(size=4).astype(np.float32), int(rng.integers(2)), 1.0,
+                             rng.normal(size=4).astype(np.float32), bool(rng.random() < 0.1))
+    states = 2 * rng.normal(size=(300, 4)).astype(np.float32)
+    for _ in range(3):
+        for _ in range(20):
+            agent.train_step(0.0)  # Adam writes the weights in place: the numpy views must see it
+        assert [agent.greedy_action(s) for s in states] == agent.greedy_actions(states).tolist()
+    other.greedy_action(states[0])
+    other.load_state_dict(agent.state_dict())
+    assert [other.greedy_action(s) for s in states] == agent.greedy_actions(states).tolist()
