@@ -1,8 +1,9 @@
-"""Per-module gradient variance (phi) and noise scale of a detector against the global batch size.
+"""Per-module gradient variance (phi) and noise scale of a dense predictor against the global batch size.
 
 The paper's Figure 1: at batch 32 the modules of a detector show similar gradient variance; at
 256-1024 the FPN and heads fall far below the backbone, which is why one learning rate for all of
-them fails at large batch and AGVM rescales each. This benchmark measures that on our detectors,
+them fails at large batch and AGVM rescales each. This benchmark measures that on our detectors and
+segmenters (any model file: ``--config synthetic_semseg_tiny``, ``--config synthetic_panoptic_tiny``),
 in one process on CPU, without training at those batches: the gradients of consecutive micro-batches
 of ``data.batch_size_per_rank`` images are streamed into windows of M = batch / micro-batch; each
 window is one global batch, and yields phi per module from two estimators on the same gradients:

@@ -87,6 +87,21 @@ def test_variance_smoke_measures_every_module_batch_and_point(tmp_path):
     assert (tmp_path / "phi_by_batch.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config, modules", [
+    ("synthetic_semseg_tiny", ["backbone", "fpn", "decode_head"]),
+    ("synthetic_panoptic_tiny", ["backbone", "fpn", "rpn", "roi_box_head", "mask_head", "semantic_head"]),
+])
+def test_variance_smoke_measures_the_segmenters_modules(config, modules, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/variance_by_batch.py", "--smoke", "--config", config,
+                           "--out", str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "phi_by_batch.csv")
+    assert [(r["batch"], r["module"]) for r in rows if r["iteration"] == "0"] == [
+        (str(batch), m) for batch in (4, 8) for m in modules]
+    assert all(0.0 < float(r["phi_scalar"]) <= 2.0 for r in rows)
+
+
 # --- large_batch.py ------------------------------------------------------------------------------
 
 LR = {"sgd": 0.02, "adamw": 1e-3, "lamb": 4e-3}

@@ -104,3 +104,17 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(task, tmp_path):
     kind, metric = METRIC[task]
     final = [read_records(tmp_path / name / "eval_log.jsonl")[-1][kind][metric] for name in ("straight", "resumed")]
     assert final[0] == final[1]
+
+
+@pytest.mark.parametrize("task, floor", [("semantic", 0.25), ("panoptic", 0.15)])
+def test_a_short_training_learns_far_above_the_untrained_model(task, floor, tmp_path):
+    """One epoch of the task's tiny job on 2 ranks (about two minutes) against its own untrained start."""
+    run = tmp_path / "run"
+    args = ["--config", CONFIGS[task], f"output_dir={run}", f"data.root={tmp_path / 'data'}",
+            "data.synthetic_train=320", "data.synthetic_val=40", "train.epochs=1", "train.eval_at_start=true"]
+    output = finish(agvm_train(args, ranks=2), timeout=1200)
+    kind, metric = METRIC[task]
+    evals = read_records(run / "eval_log.jsonl")
+    untrained, trained = evals[0][kind][metric], evals[-1][kind][metric]
+    assert evals[0]["iteration"] == 0 and evals[-1]["iteration"] > 0
+    assert trained > max(floor, 3 * untrained), (evals, output[-2000:])

@@ -144,6 +144,20 @@ def test_dry_run_prints_config_model_deepspeed_config_and_world_without_training
     assert re.search(r"steps per epoch: counted at start-up \(at most 3: 600 synthetic images", out)
 
 
+@pytest.mark.parametrize("config, model, source", [
+    ("synthetic_semseg_tiny", "semantic_fpn_r18_tiny", "600 synthetic images)"),
+    ("configs/ade20k_upernet_swin_t_bs256.yaml", "upernet_swin_t", "counted at start-up from {root}\n"),
+])
+def test_dry_run_of_a_segmentation_experiment(config, model, source, clean_env, capsys, tmp_path: Path) -> None:
+    code = train_main(["--dry-run", "--num-gpus", "8", "--config", config, f"data.root={tmp_path}",
+                       f"output_dir={tmp_path / 'run'}"])
+
+    out = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "run").exists()
+    assert f"model spec ({model})" in out and '"detector": "' in out
+    assert source.format(root=tmp_path) in out and "without boxes" not in out
+
+
 def test_print_config_says_where_num_classes_comes_from(clean_env, capsys) -> None:
     assert train_main(["--print-config", "--config", "configs/synthetic_tiny.yaml"]) == 0
 
