@@ -109,17 +109,17 @@ class C51Agent:
         as CleanRL's buffer does) from the replay buffer."""
         if batch is None:
             batch = self.replay.gather(self.rng.integers(len(self.replay), size=self.config.batch_size))
-        obs, next_obs = (torch.as_tensor(x, device=self.device) for x in (batch.obs, batch.next_obs))
-        actions = torch.as_tensor(batch.actions, device=self.device)
+        obs, next_obs, actions, rewards, terminated = (
+            torch.as_tensor(x, device=self.device)
+            for x in (batch.obs, batch.next_obs, batch.actions, batch.rewards, batch.terminated))
         rows = torch.arange(len(actions), device=self.device)
         with torch.no_grad():
-            next_log_probs = self.target(next_obs)
-            next_actions = self.target.q_values(next_log_probs).argmax(1)
-            target = project_distribution(next_log_probs.exp()[rows, next_actions],
-                                          torch.as_tensor(batch.rewards, device=self.device),
-                                          torch.as_tensor(batch.terminated, device=self.device),
-                                          self.config.gamma, self.online.support)
-        return categorical_cross_entropy(target, self.online(obs)[rows, actions])
+            next_probs = self.target.logits(next_obs).softmax(-1)
+            next_actions = (next_probs @ self.target.support).argmax(1)  # the target network's greedy action
+            target = project_distribution(next_probs[rows, next_actions], rewards, terminated, self.config.gamma,
+                                          self.online.support)
+        # log-softmax of the taken action's logits only: the other actions' atoms do not enter the loss
+        return categorical_cross_entropy(target, self.online.logits(obs)[rows, actions].log_softmax(-1))
 
     def distill_loss(self) -> torch.Tensor:
         """Cross-entropy from the teachers' distributions to ours, for the teachers' greedy actions."""

@@ -30,10 +30,13 @@ class CategoricalQNetwork(nn.Module):
         self.n_actions = n_actions
         self.register_buffer("support", support.clone())
 
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """Unnormalised log-probabilities, shape ``[batch, n_actions, atoms]``."""
+        return self.body(obs).view(obs.shape[0], self.n_actions, self.support.numel())
+
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """Log-probabilities, shape ``[batch, n_actions, atoms]``."""
-        logits = self.body(obs).view(obs.shape[0], self.n_actions, self.support.numel())
-        return F.log_softmax(logits, dim=-1)
+        return F.log_softmax(self.logits(obs), dim=-1)
 
     def greedy(self, obs: torch.Tensor) -> torch.Tensor:
         """Greedy actions ``[batch]``: the forward pass as plain tensor calls, without the per-layer module
@@ -56,15 +59,17 @@ def project_distribution(next_probs: torch.Tensor, rewards: torch.Tensor, termin
     atoms in proportion to closeness (Algorithm 1 of the C51 paper); an atom that lands exactly on a support
     point gives it everything.
     """
-    v_min, v_max = float(support[0]), float(support[-1])
-    delta = (v_max - v_min) / (support.numel() - 1)
-    shifted = rewards[:, None] + gamma * (1.0 - terminated[:, None]) * support[None, :]
-    position = (shifted.clamp(v_min, v_max) - v_min) / delta
-    lower, upper = position.floor().long(), position.ceil().long()
+    v_min, v_max, atoms = float(support[0]), float(support[-1]), support.numel()
+    delta = (v_max - v_min) / (atoms - 1)
+    position = torch.addcmul(rewards[:, None], (gamma * (1.0 - terminated))[:, None], support[None, :])
+    position = position.clamp_(v_min, v_max).sub_(v_min).div_(delta)  # in units of atoms, in [0, atoms - 1]
+    lower = position.floor()
+    upper_share = position - lower  # 0 on an atom: all of the mass stays on `lower` (CleanRL's l == u case)
+    lower_index = lower.long()
+    upper_index = (lower_index + 1).clamp_(max=atoms - 1)  # past the last atom only with upper_share = 0
     projected = torch.zeros_like(next_probs)
-    on_atom = (lower == upper).to(position.dtype)  # a position exactly on an atom keeps all of its mass there
-    projected.scatter_add_(1, lower, next_probs * (upper.to(position.dtype) - position + on_atom))
-    projected.scatter_add_(1, upper, next_probs * (position - lower.to(position.dtype)))
+    projected.scatter_add_(1, lower_index, next_probs - next_probs * upper_share)
+    projected.scatter_add_(1, upper_index, next_probs * upper_share)
     return projected
 
 
