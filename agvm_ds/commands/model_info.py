@@ -1,7 +1,8 @@
-"""``agvm-model-info``: parameters and forward FLOPs of a detector per AGVM module, or with ``--plan``
-the memory one GPU needs to train it (see :mod:`agvm_ds.detection.memory`).
+"""``agvm-model-info``: parameters and forward FLOPs of a detector or segmenter per AGVM module, or
+with ``--plan`` the memory one GPU needs to train it (see :mod:`agvm_ds.detection.memory`).
 
     agvm-model-info faster_rcnn_swinv2_1b_fpn --meta
+    agvm-model-info upernet_swinv2_1b --meta --size 512
     agvm-model-info faster_rcnn_swinv2_1b_fpn --plan --world 8 64 512 --ds-config zero3_bf16_swin1b
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 
 from ..config_checks import parse_overrides
 from ..detection import ModelSpec, build_detector, load_spec, memory
-from ..detection.summary import forward_flops, parameter_counts, roi_counts
+from ..detection.summary import forward_flops, parameter_counts, roi_counts, training_only_modules
 from ..errors import add_exit_codes, run_command
 from ..resources import find, shipped_names
 
@@ -24,7 +25,7 @@ __all__ = ["main"]
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="agvm-model-info",
-        description="Parameters and forward FLOPs of a detector, per AGVM module.",
+        description="Parameters and forward FLOPs of a detector or segmenter, per AGVM module.",
     )
     parser.add_argument("model", help="a name in models/ (e.g. faster_rcnn_r50_fpn) or a path to a YAML file")
     parser.add_argument(
@@ -90,16 +91,38 @@ def _model_info(args: argparse.Namespace) -> int:
     height, width = (math.ceil(s / 32) * 32 for s in size)
 
     print(f"{spec.name or args.model}: {spec.detector}, backbone {spec.backbone}, "
-          f"{spec.num_classes} classes (incl. background), built on {device}")
+          f"{class_counts(spec)}, built on {device}")
     print(f"{'module':<14}{'params':>16}{'trainable':>16}{'GFLOPs':>12}")
     for module, count in params.items():
         print(f"{module:<14}{count:>16,}{trainable.get(module, 0):>16,}{flops.get(module, 0) / 1e9:>12.2f}")
     print(
         f"FLOPs: one forward of one image at the network input {height}x{width} (after resize, padded to 32)"
         + "".join(f"; {module} at {n} RoIs" for module, n in roi_counts(model).items())
-        + ". Not counted: resize/normalisation, anchors, box decoding, NMS, RoIAlign."
+        + "".join(f"; {module} runs in training only" for module in training_only_modules(model))
+        + f". Not counted: {_NOT_COUNTED[spec.task]}."
     )
     return 0
+
+
+#: What ``forward_flops`` leaves out, per task.
+_NOT_COUNTED = {
+    "detection": "resize/normalisation, anchors, box decoding, NMS, RoIAlign",
+    "instance": "resize/normalisation, anchors, box decoding, NMS, RoIAlign, mask pasting",
+    "semantic": "resize/normalisation, upsampling the logits to the image, argmax",
+    "panoptic": "resize/normalisation, anchors, box decoding, NMS, RoIAlign, mask pasting, upsampling the "
+                "semantic logits, the panoptic merge",
+}
+
+
+def class_counts(spec: ModelSpec) -> str:
+    """The class counts of ``spec`` in the words of its task: detectors count a background class,
+    semantic models do not, Panoptic FPN's semantic head adds one "thing" class to the stuff classes."""
+    if spec.task == "semantic":
+        return f"{spec.num_classes} classes (no background)"
+    if spec.task == "panoptic":
+        return (f"{spec.num_classes} thing classes (incl. background), {spec.num_stuff_classes} stuff classes "
+                f"(semantic head: + 1 'thing' class)")
+    return f"{spec.num_classes} classes (incl. background)"
 
 
 def _print_plan(args: argparse.Namespace, spec: ModelSpec, size: tuple[int, int]) -> int:

@@ -8,7 +8,7 @@ op of the model, so they are measured by running the training forward and backwa
 data (:mod:`.activations`, with :mod:`.live_bytes` counting live storages and :mod:`.cuda_autocast`
 giving CPU tensors CUDA's autocast policy). :mod:`.plan` combines the two per configuration.
 """
-from .activations import ActivationProfile, measure_activations
+from .activations import ActivationProfile, measure_activations, synthetic_targets
 from .cuda_autocast import CUDA_AUTOCAST_POLICY, cuda_autocast_policy
 from .live_bytes import LiveBytes
 from .model_states import (
@@ -27,5 +27,5 @@ from .plan import PlanRow, fits, format_plan, gpu_peak, plan, plan_notes
 __all__ = [
     "ActivationProfile", "CUDA_AUTOCAST_POLICY", "GiB", "LiveBytes", "OPTIMIZER_MOMENTS", "PRECISIONS", "ParamStats",
     "PlanRow", "StateLine", "ZeroSetup", "cuda_autocast_policy", "deepspeed_estimate", "fits", "format_plan",
-    "gpu_peak", "measure_activations", "model_states", "param_stats", "plan", "plan_notes",
+    "gpu_peak", "measure_activations", "model_states", "param_stats", "plan", "plan_notes", "synthetic_targets",
 ]

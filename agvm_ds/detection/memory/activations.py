@@ -8,9 +8,12 @@ is alive (:class:`LiveBytes`: storages are noted when an op first returns them a
 last reference dies, so autograd's saved tensors, checkpointing's recomputation and the gradients
 are all counted when and as long as they exist). Three things bring this close to a GPU run:
 
-- **The dense trunk** (backbone body, FPN, RPN/RetinaNet head: nearly all activation memory) runs
-  under ``FakeTensorMode`` on CPU-typed fake tensors: the 1B model at 1024x1024 costs no memory.
-  Fake kernels give the shapes and dtypes the real kernels give; no real fallback kernel may run.
+- **The dense trunk** (backbone body, FPN, RPN/RetinaNet head, Panoptic FPN's semantic head and its
+  loss: nearly all activation memory) runs under ``FakeTensorMode`` on CPU-typed fake tensors: the
+  1B model at 1024x1024 costs no memory. Fake kernels give the shapes and dtypes the real kernels
+  give; no real fallback kernel may run. A semantic model (Semantic FPN, UperNet) is dense all
+  through: its whole training forward (its own ``forward``, given the transform's output) and loss
+  run there, on synthetic label maps, and there is no rest.
 - **Autocast on CUDA** is not autocast on CPU (CUDA runs ``layer_norm``, ``softmax``, norms, sums and
   upsampling in fp32, CPU in bf16, so a Swin's residual stream is fp32 on a GPU), and a fake CUDA
   tensor cannot go through autograd on a machine without a GPU. :func:`cuda_autocast_policy` gives
@@ -26,11 +29,12 @@ are all counted when and as long as they exist). Three things bring this close t
 
 The two are combined in the order a training step runs them (:func:`measure_activations`): trunk
 forward, the rest forward and backward, trunk backward (which starts from the gradients the rest
-made). ``tests/detection/test_memory_plan.py`` runs the same code on a small SwinV2 Faster R-CNN and on
-``faster_rcnn_r18_tiny`` and compares the planned peak with the CPU allocator's peak over a real
-training step. Not counted: cuDNN/cuBLAS workspaces, the CUDA context, NCCL buffers, the caching
-allocator's rounding and fragmentation, NVMe swap buffers in host memory; the plan's ``--reserve``
-stands for the GPU ones.
+made). ``tests/detection/test_memory_plan.py`` runs the same code on a small SwinV2 Faster R-CNN, on
+``faster_rcnn_r18_tiny``, ``upernet_r18_tiny`` and ``panoptic_fpn_r18_tiny`` and compares the planned
+peak with the CPU allocator's peak over a real training step on the targets of
+:func:`synthetic_targets`. Not counted: cuDNN/cuBLAS workspaces, the CUDA context, NCCL buffers,
+the caching allocator's rounding and fragmentation, NVMe swap buffers in host memory; the plan's
+``--reserve`` stands for the GPU ones.
 """
 from __future__ import annotations
 
@@ -38,13 +42,13 @@ import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 
 from ..detectors import build_detector
@@ -53,11 +57,14 @@ from .cuda_autocast import cuda_autocast_policy
 from .live_bytes import LiveBytes, _tensor_leaves
 from .model_states import LOWER_PRECISION_SAFE_MODULES, PRECISIONS, _check_choice, _weight_dtype
 
-__all__ = ["ActivationProfile", "BOXES_PER_IMAGE", "measure_activations"]
+__all__ = ["ActivationProfile", "BOXES_PER_IMAGE", "IGNORED_SHARE", "measure_activations", "synthetic_targets"]
 
 #: Ground-truth boxes per synthetic image: the rest of the detector (matching, sampling, RoI heads)
 #: is sized by its sampling knobs, not by this number, as long as enough proposals overlap them.
 BOXES_PER_IMAGE = 8
+
+#: Share of the pixels of a synthetic label map without a label (255), as real maps have some.
+IGNORED_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,18 @@ def measure_activations(spec: ModelSpec, images: int, size: tuple[int, int], pre
 
     The backbone's activation checkpointing is ``spec.checkpointing``. Nothing is allocated for the
     backbone; the detector's data-dependent rest runs on CPU (see the module docstring).
+
+    Raises:
+        ValueError: when the model cannot train on ``images`` images per GPU (UperNet's BatchNorm
+            heads need two), rather than give a number for a step that fails or cannot be measured.
     """
     _check_choice("precision", precision, PRECISIONS)
+    _check_images(spec, images)
     height, width = (math.ceil(s / 32) * 32 for s in size)
+    if spec.task == "semantic":
+        whole = _measure_segmentor(spec, images, height, width, precision, gathered_bf16)
+        return ActivationProfile(images=images, peak=whole.tracker.peak(exclude=whole.grad_keys),
+                                 peak_with_grads=whole.tracker.peak(), grads=whole.grad_bytes)
     trunk, shapes = _measure_trunk(spec, images, height, width, precision, gathered_bf16)
     key = (images, height, width, precision, repr(shapes))
     cache = {} if rest_cache is None else rest_cache
@@ -118,6 +134,20 @@ def measure_activations(spec: ModelSpec, images: int, size: tuple[int, int], pre
         peak_with_grads=_combined_peak(trunk, rest, with_grads=True),
         grads=trunk.grad_bytes + rest.grad_bytes,
     )
+
+
+def _check_images(spec: ModelSpec, images: int) -> None:
+    """UperNet's pooling pyramid has a 1x1 level whose BatchNorm sees one value per channel and image:
+    a training step on one image fails; with ``norm: sync_bn`` it trains, the statistics spanning the
+    ranks, but one process cannot run it to measure it."""
+    if spec.detector != "upernet" or images > 1:
+        return
+    name = spec.name or spec.detector
+    if spec.norm == "sync_bn":
+        raise ValueError(f"{name}: UperNet's SyncBatchNorm heads on 1 image per GPU take their statistics over "
+                         "the ranks, which one process cannot measure; plan for 2 images or more (an upper bound)")
+    raise ValueError(f"{name}: UperNet's BatchNorm heads cannot train on 1 image per GPU (the 1x1 pooling level "
+                     "has one value per channel); plan for 2 images or more")
 
 
 def _combined_peak(trunk: _Record, rest: _Record, with_grads: bool) -> int:
@@ -136,22 +166,79 @@ def _measure_trunk(spec: ModelSpec, images: int, height: int, width: int, precis
                    gathered_bf16: bool) -> tuple[_Record, dict[str, Any]]:
     """Runs backbone + dense head forward and backward on fake tensors; returns the record and the
     shapes/dtypes of the outputs the rest of the detector consumes."""
-    model = build_detector(spec, device="meta")  # timm's constructors read values: not under FakeTensorMode
-    with _autocast_policy(precision), FakeTensorMode(allow_fallback_kernels=False):
-        _make_fake(model, precision, gathered_bf16)
+    targets = _seeded_targets(spec, images, height, width) if spec.task == "panoptic" else []
+    with _fake_model(spec, precision, gathered_bf16) as (model, mode):
+        labels = [mode.from_tensor(target["sem_seg"]) for target in targets]
         tracker = LiveBytes()
         with tracker:
             batch = torch.empty(images, 3, height, width, dtype=_weight_dtype(precision))  # the transform's output
             with _autocast(precision):
                 features = model.backbone(batch)
                 head = _dense_head(model, list(features.values()))
+                losses = _semantic_branch_loss(model, features, labels, (height, width))
             del batch
             tracker.mark("forward")
             consumed = [features[name] for name in _pooled_levels(model)] + list(_tensor_leaves(head))
-            _GradientSink.apply(*consumed).backward()
+            sum(losses, _GradientSink.apply(*consumed)).backward()
+            del losses
         grads = [p.grad for p in model.parameters()]
         shapes = {"features": _shapes(features), "head": _shapes(head)}
         return _Record(tracker, tracker.keys(grads), _nbytes(grads)), shapes
+
+
+def _semantic_branch_loss(model: nn.Module, features: "OrderedDict[str, torch.Tensor]",
+                          labels: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """Panoptic FPN's semantic loss, as its ``forward`` computes it from P2-P5 (empty for the others):
+    dense, so it is part of the trunk."""
+    if not hasattr(model, "semantic_head"):
+        return []
+    from ...segmentation.labels import fit_labels, segmentation_loss  # lazily: segmentation builds on detection
+
+    levels = list(features.values())[:len(model.semantic_head.scale_heads)]
+    logits = model.semantic_head(levels)
+    return [model.semantic_weight * segmentation_loss(logits, fit_labels(labels, [size] * len(labels), size))]
+
+
+def _measure_segmentor(spec: ModelSpec, images: int, height: int, width: int, precision: str,
+                       gathered_bf16: bool) -> _Record:
+    """Runs a semantic model's training step, forward (the model's own, from the transform's output
+    on) and backward, on fake tensors and synthetic label maps."""
+    targets = _seeded_targets(spec, images, height, width)
+    with _fake_model(spec, precision, gathered_bf16) as (model, mode):
+        targets = [{"sem_seg": mode.from_tensor(target["sem_seg"])} for target in targets]
+        tracker = LiveBytes()
+        with tracker:
+            model.transform = _GivenBatch(torch.empty(images, 3, height, width, dtype=_weight_dtype(precision)))
+            with _autocast(precision):
+                losses = model([torch.empty(3, 0, 0)] * images, targets)  # the stand-in transform ignores them
+            tracker.mark("forward")
+            sum(losses.values()).backward()
+            del losses
+        grads = [p.grad for p in model.parameters()]
+        return _Record(tracker, tracker.keys(grads), _nbytes(grads))
+
+
+class _GivenBatch(nn.Module):
+    """Stands in for a segmenter's transform: hands over the given padded batch (the transform's
+    output) once, keeping no reference to it, with every image the batch's size."""
+
+    def __init__(self, batch: torch.Tensor) -> None:
+        super().__init__()
+        self.batch: Optional[torch.Tensor] = batch
+
+    def forward(self, images: list[torch.Tensor], targets: Any = None) -> tuple[ImageList, Any]:
+        batch, self.batch = self.batch, None
+        return ImageList(batch, [tuple(batch.shape[-2:])] * len(batch)), targets
+
+
+@contextlib.contextmanager
+def _fake_model(spec: ModelSpec, precision: str, gathered_bf16: bool) -> Iterator[tuple[nn.Module, FakeTensorMode]]:
+    """The model of ``spec`` with fake parameters in training mode, under the fake mode it yields
+    and the precision's autocast policy."""
+    model = build_detector(spec, device="meta")  # timm's constructors read values: not under FakeTensorMode
+    with _autocast_policy(precision), FakeTensorMode(allow_fallback_kernels=False) as mode:
+        _make_fake(model, precision, gathered_bf16)
+        yield model, mode
 
 
 class _GradientSink(torch.autograd.Function):
@@ -199,7 +286,7 @@ def _measure_rest(spec: ModelSpec, images: int, height: int, width: int, precisi
         torch.manual_seed(0)
         model = _cpu_rest(spec)
         features, head = _map_specs(_leaf, shapes["features"]), _map_specs(_leaf, shapes["head"])
-        targets = _synthetic_targets(images, height, width, spec.num_classes, isinstance(model, MaskRCNN))
+        targets = synthetic_targets(spec, images, height, width)
         image_list = ImageList(torch.zeros(()).expand(images, 3, height, width), [(height, width)] * images)
         tracker = LiveBytes()
         with _autocast_policy(precision), tracker:
@@ -247,6 +334,36 @@ def _rest_losses(model: nn.Module, image_list: ImageList, features: "OrderedDict
     proposals, rpn_losses = model.rpn(image_list, features, targets)
     _, roi_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
     return {**rpn_losses, **roi_losses}
+
+
+def synthetic_targets(spec: ModelSpec, images: int, height: int, width: int) -> list[dict[str, torch.Tensor]]:
+    """Random training targets of ``spec``'s task for ``images`` images of ``height`` x ``width``.
+
+    Detection: boxes and labels (:data:`BOXES_PER_IMAGE`); instance: and their box masks; semantic:
+    an (h, w) ``sem_seg`` map of random classes with :data:`IGNORED_SHARE` of the pixels 255;
+    panoptic: Mask R-CNN's targets and a ``sem_seg`` map of random stuff classes (1..S), 0 on the
+    things' masks, 255 on :data:`IGNORED_SHARE` of the pixels.
+    """
+    if spec.task == "semantic":
+        return [{"sem_seg": _label_map(torch.randint(0, spec.num_classes, (height, width)))} for _ in range(images)]
+    targets = _synthetic_targets(images, height, width, spec.num_classes, spec.task in ("instance", "panoptic"))
+    if spec.task == "panoptic":
+        for target in targets:
+            stuff = torch.randint(1, spec.num_stuff_classes + 1, (height, width))
+            target["sem_seg"] = _label_map(stuff.masked_fill(target["masks"].bool().any(0), 0))
+    return targets
+
+
+def _seeded_targets(spec: ModelSpec, images: int, height: int, width: int) -> list[dict[str, torch.Tensor]]:
+    """:func:`synthetic_targets`, the same on every call, leaving the caller's random state alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return synthetic_targets(spec, images, height, width)
+
+
+def _label_map(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with :data:`IGNORED_SHARE` of the pixels, at random, set to 255 (no label)."""
+    return labels.masked_fill(torch.rand(labels.shape) < IGNORED_SHARE, 255)
 
 
 def _synthetic_targets(images: int, height: int, width: int, num_classes: int,
