@@ -3,6 +3,7 @@ agvm-eval, agvm-export and agvm-predict in one process, and an exact resume."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -118,3 +119,17 @@ def test_a_short_training_learns_far_above_the_untrained_model(task, floor, tmp_
     untrained, trained = evals[0][kind][metric], evals[-1][kind][metric]
     assert evals[0]["iteration"] == 0 and evals[-1]["iteration"] > 0
     assert trained > max(floor, 3 * untrained), (evals, output[-2000:])
+
+
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_zero3_bf16_autocast_with_activation_checkpointing_trains_and_evaluates(task, tmp_path):
+    """The segmenters under the 1B configuration's settings: parameters partitioned across the ranks (every
+    forward gathers them), bf16 autocast, activation checkpointing of the backbone."""
+    run = tmp_path / "run"
+    output = train(task, run, tmp_path / "data", "deepspeed=zero3_bf16", "model_overrides.checkpointing=true",
+                   "train.max_iters=2")
+    assert "ZeRO stage 3, autocast torch.bfloat16" in output
+    records = read_records(run / "train_log.jsonl")
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    kind, metric = METRIC[task]
+    assert 0 <= read_records(run / "eval_log.jsonl")[-1][kind][metric] <= 1
