@@ -68,8 +68,8 @@ class C51Agent:
 
     def greedy_action(self, obs: np.ndarray) -> int:
         """The greedy action for one observation, as acting needs it every env step. On CPU the same forward
-        pass runs in numpy on views of the network's weights: at batch 1 torch's per-operation dispatch costs
-        about three times the arithmetic (40 us against 13 us per call for a 120-84 network)."""
+        pass runs in numpy on views of the network's weights: at batch 1 torch's per-operation dispatch dominates,
+        and numpy takes 15 us per call where torch takes 40 us (a 120-84 network, benchmarks/ltcr_agent_speed.py)."""
         if self.device.type != "cpu":
             return int(self.greedy_actions(obs[None])[0])
         *hidden, (weight, bias) = self._numpy_layers()
