@@ -27,11 +27,16 @@ def train(task: str, run: Path, data: Path, *extra: str) -> str:
     return finish(agvm_train(["--config", CONFIGS[task], *tiny_overrides(run, data, *extra)], ranks=2))
 
 
+#: 4 steps with a checkpoint at step 2 (for the resume test) and one evaluation, at the end
+SHORT_RUN = ("train.max_iters=4", "train.checkpoint_iters=2", "train.eval_interval=100",
+             "train.checkpoint_interval=100")
+
+
 @pytest.fixture(scope="module", params=["semantic", "panoptic"])
 def trained(request, tmp_path_factory) -> tuple[str, Path]:
-    """Two optimizer steps of the task's tiny model on 2 ranks under ZeRO-2, evaluated at the end."""
+    """Four optimizer steps of the task's tiny model on 2 ranks under ZeRO-2, evaluated at the end."""
     root = tmp_path_factory.mktemp(request.param)
-    train(request.param, root / "run", root / "data", "train.max_iters=2")
+    train(request.param, root / "run", root / "data", *SHORT_RUN)
     return request.param, root / "run"
 
 
@@ -43,15 +48,20 @@ def test_the_run_logged_its_tasks_metric_and_plotted_it(trained):
     task, run = trained
     kind, metric = METRIC[task]
     record = read_records(run / "eval_log.jsonl")[-1]
-    assert record["iteration"] == 2 and 0 <= record[kind][metric] <= 1
+    assert record["iteration"] == 4 and 0 <= record[kind][metric] <= 1
     assert (run / "map.png").is_file() and (run / "eval" / "metrics.json").is_file()
 
 
 def test_eval_in_one_process_equals_the_two_rank_runs_own_evaluation(trained, tmp_path):
-    _, run = trained
+    """Semantic: equal (integer pixel counts). Panoptic: equal to float64 rounding, as the run summed each
+    rank's IoU sums and then added the two ranks', where one process adds them in one sequence."""
+    task, run = trained
     assert evaluate.main([str(run), "--out", str(tmp_path)]) == 0
-    # compared as text: per-class values of classes absent from the set are NaN, and NaN != NaN
-    assert (tmp_path / "metrics.json").read_text() == (run / "eval" / "metrics.json").read_text()
+    ours, logged = (json.loads((path / "metrics.json").read_text()) for path in (tmp_path, run / "eval"))
+    kind, metric = METRIC[task]
+    assert ours[kind].keys() == logged[kind].keys() and logged[kind][metric] > 0
+    for name, value in logged[kind].items():
+        assert ours[kind][name] == pytest.approx(value, rel=1e-12, nan_ok=True), name
 
 
 def test_exported_file_predicts_as_the_run_directory_does(trained, tmp_path):
@@ -85,25 +95,22 @@ def test_predict_writes_a_colour_png_and_a_json_per_image(trained, tmp_path):
             assert len({s["id"] for s in segments}) == len(segments)
 
 
-@pytest.mark.parametrize("task", ["semantic", "panoptic"])
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(task, tmp_path):
-    """4 steps straight; then a copy of the run cut back to its step-2 checkpoint, continued with
-    --resume auto to step 4: the same losses and the same metric."""
-    common = ("train.max_iters=4", "train.checkpoint_iters=2", "train.eval_interval=100",
-              "train.checkpoint_interval=100")
-    train(task, tmp_path / "straight", tmp_path / "data", *common)
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    checkpoints = tmp_path / "resumed" / "checkpoints"
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(trained, tmp_path):
+    """A copy of the run cut back to its step-2 checkpoint, continued with --resume auto to step 4: the same
+    losses and the same metric as the uninterrupted run."""
+    task, run = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    checkpoints = resumed / "checkpoints"
     shutil.rmtree(checkpoints / "iter_00000004")
     (checkpoints / "latest").write_text("iter_00000002")
     output = finish(agvm_train(["--config", CONFIGS[task], "--resume", "auto",
-                                *tiny_overrides(tmp_path / "resumed", tmp_path / "data", *common)], ranks=2))
+                                *tiny_overrides(resumed, run.parent / "data", *SHORT_RUN)], ranks=2))
     assert "resumed from" in output and "at iteration 2" in output
-    losses = [[r["loss"] for r in read_records(tmp_path / name / "train_log.jsonl")]
-              for name in ("straight", "resumed")]
+    losses = [[r["loss"] for r in read_records(path / "train_log.jsonl")] for path in (run, resumed)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     kind, metric = METRIC[task]
-    final = [read_records(tmp_path / name / "eval_log.jsonl")[-1][kind][metric] for name in ("straight", "resumed")]
+    final = [read_records(path / "eval_log.jsonl")[-1][kind][metric] for path in (run, resumed)]
     assert final[0] == final[1]
 
 
@@ -127,9 +134,9 @@ def test_zero3_bf16_autocast_with_activation_checkpointing_trains_and_evaluates(
     forward gathers them), bf16 autocast, activation checkpointing of the backbone."""
     run = tmp_path / "run"
     output = train(task, run, tmp_path / "data", "deepspeed=zero3_bf16", "model_overrides.checkpointing=true",
-                   "train.max_iters=2")
+                   "train.max_iters=1")
     assert "ZeRO stage 3, autocast torch.bfloat16" in output
     records = read_records(run / "train_log.jsonl")
-    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert len(records) == 1 and all(math.isfinite(r["loss"]) for r in records)
     kind, metric = METRIC[task]
     assert 0 <= read_records(run / "eval_log.jsonl")[-1][kind][metric] <= 1
