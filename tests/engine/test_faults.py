@@ -368,7 +368,8 @@ def test_a_second_job_on_the_same_directory_is_refused_while_the_first_holds_it(
     first = _train(run, data, "train.max_iters=50")
     try:
         deadline = time.time() + 120
-        while not (run / LOCK_FILE).exists():
+        # the lock is taken first, the config recorded after it: wait for both
+        while not ((run / LOCK_FILE).exists() and (run / "config.json").exists()):
             assert first.poll() is None and time.time() < deadline, "the first job ended before taking its lock"
             time.sleep(0.2)
         recorded = (run / "config.json").read_bytes()
