@@ -236,24 +236,31 @@ class CocoDetection(torch.utils.data.Dataset):
         return None
 
 
-def _read_instances(ann_file: Path) -> dict[str, Any]:
-    """The json of a COCO instances file, its structure checked: one error line names the file and entry.
-
-    Per-annotation problems are left to :meth:`CocoDetection._find_invalid` (they can be skipped);
-    a malformed file, or an image or category entry that is not what COCO says, cannot be.
-    """
+def read_coco_json(ann_file: Path, kind: str) -> dict[str, Any]:
+    """A COCO ``kind`` ("instances", "panoptic") JSON file with its ``images``, ``annotations`` and
+    ``categories`` lists and its image entries checked; one error line names the file and entry."""
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{ann_file}: not a valid JSON file ({error})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: not a COCO instances file (the top level is not a JSON object)")
+        raise ValueError(f"{ann_file}: not a COCO {kind} file (the top level is not a JSON object)")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file}: not a COCO instances file (no '{key}' list)")
+            raise ValueError(f"{ann_file}: not a COCO {kind} file (no '{key}' list)")
     _check_entries(ann_file, data["images"], "image", {"id": _is_int, "file_name": _is_name,
                                                         "width": _is_size, "height": _is_size})
+    return data
+
+
+def _read_instances(ann_file: Path) -> dict[str, Any]:
+    """The json of a COCO instances file, its structure checked: one error line names the file and entry.
+
+    Per-annotation problems are left to :meth:`CocoDetection._find_invalid` (they can be skipped);
+    a malformed file, or an image or category entry that is not what COCO says, cannot be.
+    """
+    data = read_coco_json(ann_file, "instances")
     _check_entries(ann_file, data["categories"], "category", {"id": _is_int})
     for index, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):

@@ -25,7 +25,6 @@ The panoptic evaluator reads the untouched ground truth through :meth:`CocoPanop
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +34,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from .coco import ImageReadError, _check_entries, _is_int, _is_name, _is_size, read_rgb
+from .coco import ImageReadError, _check_entries, _is_int, _is_name, read_coco_json, read_rgb
 
 __all__ = ["CocoPanoptic", "VOID_ID", "read_segment_ids"]
 
@@ -214,18 +213,7 @@ def _mask_boxes(masks: np.ndarray) -> torch.Tensor:
 
 def _read_panoptic(ann_file: Path) -> dict[str, Any]:
     """The json of a COCO panoptic file, its images and categories checked (one line naming file and entry)."""
-    try:
-        with open(ann_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{ann_file}: not a valid JSON file ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: not a COCO panoptic file (the top level is not a JSON object)")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file}: not a COCO panoptic file (no '{key}' list)")
-    _check_entries(ann_file, data["images"], "image", {"id": _is_int, "file_name": _is_name,
-                                                        "width": _is_size, "height": _is_size})
+    data = read_coco_json(ann_file, "panoptic")
     _check_entries(ann_file, data["categories"], "category", {"id": _is_int, "name": _is_name, "isthing": _is_flag})
     return data
 
