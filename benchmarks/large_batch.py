@@ -1,7 +1,8 @@
 """Accuracy at 16x the batch: SGD, AdamW and LAMB with and without AGVM, at base batch B and 16B.
 
 Runs ``agvm-train`` once per (batch, optimizer, seed) over {B, 16B} x {SGD, SGD+AGVM, AdamW,
-AdamW+AGVM, LAMB}, all for the same number of epochs, as the paper compares them:
+AdamW+AGVM, LAMB} (``--optimizers`` adds SGD+AGVM with the divergence guard, ``sgd_agvm_guard``, and
+LAMB+AGVM, ``lamb_agvm``), all for the same number of epochs, as the paper compares them:
 
 - lr: ``--lr`` per optimizer at batch B, scaled to the run's batch linearly (SGD) or by the square
   root (AdamW, LAMB) through ``optimizer.lr_scaling``;
@@ -10,7 +11,7 @@ AdamW+AGVM, LAMB}, all for the same number of epochs, as the paper compares them
   iterations at 256, 460 at 512);
 - AGVM: from ``warmup + warmup x 100/920`` (the official bs256 recipe starts 100 iterations after
   its 920 of warm-up), with the preconditioned estimator for AdamW as the paper;
-- seeds: ``--seeds-large`` (default 2) for the 16B SGD and SGD+AGVM runs, one for the others.
+- seeds: ``--seeds-large`` (default 2) for every 16B run, one at B.
 
 A run is finished when its ``sweep_result.json`` exists; an interrupted sweep started again skips
 those and continues a partial run with ``--resume auto``. Results: ``runs.md``/``runs.csv`` (each
@@ -34,7 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from agvm_ds.commands.train import EXIT_DIVERGED
 from agvm_ds.engine.config import ExperimentConfig, load_config
@@ -47,13 +48,28 @@ from tables import write_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = "sweep_result.json"
-OPTIMIZERS = {  # name: (optimizer.name, AGVM on, lr scaling)
-    "sgd": ("sgd", False, "linear"),
-    "sgd_agvm": ("sgd", True, "linear"),
-    "adamw": ("adamw", False, "sqrt"),
-    "adamw_agvm": ("adamw", True, "sqrt"),
-    "lamb": ("lamb", False, "sqrt"),
+
+
+class Variant(NamedTuple):
+    """An optimizer of the sweep: the base optimizer, whether AGVM (and its divergence guard) wraps it,
+    and how its lr scales with the batch."""
+
+    optimizer: str
+    agvm: bool
+    guard: bool
+    scaling: str
+
+
+OPTIMIZERS = {
+    "sgd": Variant("sgd", False, False, "linear"),
+    "sgd_agvm": Variant("sgd", True, False, "linear"),
+    "sgd_agvm_guard": Variant("sgd", True, True, "linear"),
+    "adamw": Variant("adamw", False, False, "sqrt"),
+    "adamw_agvm": Variant("adamw", True, False, "sqrt"),
+    "lamb": Variant("lamb", False, False, "sqrt"),
+    "lamb_agvm": Variant("lamb", True, False, "sqrt"),
 }
+PAPER_OPTIMIZERS = ["sgd", "sgd_agvm", "adamw", "adamw_agvm", "lamb"]  # the default grid
 DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "lamb": 4e-3}  # at batch B = 16; untuned for the synthetic set
 OFFICIAL_AGVM_DELAY = 100 / 920  # official bs256 recipe: AGVM 100 iterations after a 920-iteration warm-up
 SMOKE_OVERRIDES = ["data.synthetic_train=40", "data.synthetic_val=8", "data.synthetic_size=64", "data.scales=[64]",
@@ -95,18 +111,19 @@ def plan(base_batch: int, scale: int, optimizers: Sequence[str], seeds_large: in
         steps = steps_at[batch]
         warmup = max(1, round(warmup_fraction * steps))
         for optimizer in optimizers:
-            name, agvm, scaling = OPTIMIZERS[optimizer]
+            name, agvm, guard, scaling = OPTIMIZERS[optimizer]
             ratio = batch / base_batch
             peak = lr[name] * (ratio if scaling == "linear" else math.sqrt(ratio))
             start = warmup + math.ceil(warmup * OFFICIAL_AGVM_DELAY) if agvm else None
-            seeds = seeds_large if batch != base_batch and name == "sgd" else 1
+            seeds = seeds_large if batch != base_batch else 1
             for seed in range(seeds):
                 overrides = (
                     f"seed={seed}", f"data.batch_size_per_rank={per_rank}",
                     f"train.gradient_accumulation_steps={accumulation}",
                     f"optimizer.name={name}", f"optimizer.lr={lr[name]}", f"optimizer.base_batch_size={base_batch}",
                     f"optimizer.lr_scaling={scaling}", f"schedule.warmup_iters={warmup}",
-                    f"agvm.enabled={str(agvm).lower()}", f"agvm.start_iter={start or 0}",
+                    f"agvm.enabled={str(agvm).lower()}", f"agvm.guard={str(guard).lower()}",
+                    f"agvm.start_iter={start or 0}",
                     f"agvm.precondition={str(name == 'adamw').lower()}",
                 )
                 runs.append(Run(batch, optimizer, seed, steps, overrides, peak, warmup, start))
@@ -209,7 +226,7 @@ def agvm_rows(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str, An
     (final, smallest, largest): the measurements that explain what AGVM changed, or why it changed nothing."""
     rows = []
     for result in results:
-        if not result["optimizer"].endswith("_agvm"):
+        if not OPTIMIZERS[result["optimizer"]].agvm:
             continue
         records = [r["agvm"] for r in read_records(out / "runs" / result["run"] / TRAIN_FILE) if "agvm" in r]
         for module in records[-1] if records else ():
@@ -271,8 +288,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", default="configs/large_batch_synthetic.yaml", help="the base recipe")
     parser.add_argument("--base-batch", type=int, default=16, help="the base global batch B")
     parser.add_argument("--scale", type=int, default=16, help="the large batch is scale x B")
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
-    parser.add_argument("--seeds-large", type=int, default=2, help="seeds of the 16B SGD and SGD+AGVM runs")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=PAPER_OPTIMIZERS,
+                        help=f"default: {' '.join(PAPER_OPTIMIZERS)}")
+    parser.add_argument("--seeds-large", type=int, default=2, help="seeds of every 16B run")
     parser.add_argument("--runs", nargs="+", metavar="PATTERN",
                         help="only the runs whose names match (shell patterns, e.g. 'b32_*' b2_sgd_s0); "
                              "the tables then cover those runs")

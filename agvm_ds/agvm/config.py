@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import Field, model_validator
 
@@ -40,6 +40,10 @@ class AGVMConfig:
         guard_ema: smoothing of the running levels over statistics steps, level <- e * level + (1 - e) * x.
         guard_phi_drop: None, or also hold a module while phi < guard_phi_drop x its running phi level
             (an abrupt fall of phi).
+        guard_action: what holding a module does to its factor. ``hold``: it may fall but not rise.
+            ``fallback``: as ``hold``, and no higher than 1, so the module trains at the scheduled lr (or
+            lower) until its gradient is back near its level; in a measured spike, holding factors of 1.3
+            did not stop the divergence that they had started (docs/agvm.md).
     """
 
     anchor: Annotated[str, Field(min_length=1), Expected("the non-empty name of a module")] = "backbone"
@@ -56,6 +60,7 @@ class AGVMConfig:
     guard_ratio: Annotated[float, Field(gt=1)] = 2.0
     guard_ema: Annotated[float, Field(ge=0, lt=1)] = 0.9
     guard_phi_drop: Optional[Annotated[float, Field(gt=0, lt=1)]] = None
+    guard_action: Literal["hold", "fallback"] = "hold"
 
     @model_validator(mode="after")
     def _check_order(self) -> "AGVMConfig":

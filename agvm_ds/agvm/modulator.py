@@ -8,7 +8,8 @@ whole (the official code loses it on resume and restarts every factor at 1).
 
 The divergence guard (``config.guard``) keeps a module's factor from rising at a statistics step where
 its gradient norm sqrt(A) exceeds ``guard_ratio`` x its running geometric level (or, optionally, its phi fell below
-``guard_phi_drop`` x its running phi level): mu_i <- min(mu_i, ema * mu_i + (1 - ema) * mu_hat_i). A loss
+``guard_phi_drop`` x its running phi level): mu_i <- min(mu_i, ema * mu_i + (1 - ema) * mu_hat_i), and with
+``guard_action: fallback`` also mu_i <- min(mu_i, 1), the scheduled lr. A loss
 spike gives large gradients that agree across micro-batches, so phi falls and AGVM alone would raise the
 lr of the very module that diverges. The levels are EMAs over statistics steps of all-reduced values, so
 they are identical on every rank, and they are tracked even with the guard off (it can be switched on
@@ -70,13 +71,18 @@ def guard_holds(log_norm_now: torch.Tensor, log_norm_level: torch.Tensor, phi: t
     return held
 
 
-def guarded_factors(factors: torch.Tensor, smoothed: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-    """The new factors: the smoothed ones, but no higher than the old one where a module is held.
+def guarded_factors(factors: torch.Tensor, smoothed: torch.Tensor, held: torch.Tensor,
+                    fallback: bool = False) -> torch.Tensor:
+    """The new factors: the smoothed ones, but no higher than the old one where a module is held, and with
+    ``fallback`` no higher than 1 either (the scheduled lr).
 
     A held module may still fall (its phi may rise in a spike), only an increase is refused; where no
     module is held the smoothed factors are returned unchanged, bit for bit.
     """
-    return torch.where(held, torch.minimum(factors, smoothed), smoothed)
+    limited = torch.minimum(factors, smoothed)
+    if fallback:
+        limited = limited.clamp_max(1.0)
+    return torch.where(held, limited, smoothed)
 
 
 class GradientVarianceModulator:
@@ -129,7 +135,8 @@ class GradientVarianceModulator:
         mu_hat = target_factors(phi, self.anchor_index, self.config)
         ema = self.config.ema
         held = guard_holds(size, self.log_norm_level, phi, self.phi_level, self.config)
-        self.factors = guarded_factors(self.factors, ema * self.factors + (1.0 - ema) * mu_hat, held)
+        self.factors = guarded_factors(self.factors, ema * self.factors + (1.0 - ema) * mu_hat, held,
+                                       fallback=self.config.guard_action == "fallback")
         self.norm_ratio = (size - self.log_norm_level).exp()
         self.log_norm_level = running_level(self.log_norm_level, size, self.config.guard_ema)
         self.phi_level = running_level(self.phi_level, phi, self.config.guard_ema)

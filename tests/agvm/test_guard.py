@@ -114,6 +114,25 @@ def test_a_held_module_may_still_fall():
     held = torch.tensor([False, True, True])
     assert guarded_factors(factors, smoothed, held).tolist() == [1.0, 1.2, 1.5]
     assert guarded_factors(factors, smoothed, torch.zeros(3, dtype=torch.bool)).equal(smoothed)
+    # fallback: a held module is also brought down to the scheduled lr; one already below 1 stays lower
+    factors = torch.tensor([1.0, 1.5, 0.7], dtype=torch.float64)
+    assert guarded_factors(factors, smoothed, held, fallback=True).tolist() == [1.0, 1.0, 0.7]
+    assert guarded_factors(factors, smoothed, ~held, fallback=True).tolist() == [1.0, 1.2, 1.8]  # not held: smoothed
+
+
+def test_fallback_trains_a_held_module_at_the_scheduled_lr_and_lets_it_rise_after():
+    config = AGVMConfig(ema=0.95, guard=True, guard_action="fallback")
+    modulator = _run(config, _calm(10))
+    assert modulator.factor("fpn") > 1.0 and modulator.factor("roi_box_head") > 1.0
+    for moments in _spike(3):
+        modulator.update(moments)
+        assert modulator.factor("fpn") == 1.0 and modulator.factor("roi_box_head") == 1.0
+    assert modulator.factor("backbone") == 1.0
+    for moments in _calm(40, seed=1):
+        modulator.update(moments)
+    assert not modulator.held_modules() and modulator.factor("fpn") > 1.0
+    with pytest.raises(ValueError, match=r"guard_action=.*hold.*fallback"):
+        AGVMConfig(guard_action="reset")
 
 
 def test_first_measurement_and_zero_gradients():
