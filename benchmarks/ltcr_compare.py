@@ -1,16 +1,20 @@
 """Independent C51 vs experience sharing vs distillation vs full LTCR: team-mean return against environment steps.
 
     python benchmarks/ltcr_compare.py --env CartPole-v1 --seeds 0 1 2 [--steps 20000] [key=value ...]
+    python benchmarks/ltcr_compare.py --env CartPole-v1 --recipe cleanrl --steps 500000 --out runs/ltcr_cleanrl_teams
     python benchmarks/ltcr_compare.py --env CartPole-v1 --seeds 0 1 2 --report-only
 
 Each (environment, variant, seed) is one team of ``--agents`` ranks started with torchrun
 (``python -m torch.distributed.run --standalone``), trained by ``ltcr.cli`` from the shipped config of the
-environment plus the variant's switches and any ``key=value`` overrides. A finished run (its ``latest``
-checkpoint is the last step) is skipped; an interrupted one resumes from its checkpoint. Afterwards the team-mean
-evaluation returns of every environment under ``<out>`` are gathered into ``<out>/results.md``,
-``<out>/results.csv`` and ``<out>/team_return.png``: mean and spread (standard deviation, min-max) over seeds,
-the area under the curve (the mean team return over all evaluations, i.e. the normalised AUC) and the environment
-steps per agent at which the team mean first reaches the solved threshold.
+environment (``--recipe``: the heterogeneous ``team`` configs, or the ``cleanrl`` ones, whose single agents solve
+CartPole and Acrobot) plus the variant's switches and any ``key=value`` overrides. A finished run (its ``latest``
+checkpoint is the last step) is skipped; an interrupted one resumes from its checkpoint. Afterwards the evaluation
+returns of every environment under ``<out>`` are gathered into ``<out>/results.md``, ``<out>/results.csv`` and
+``<out>/team_return.png``, per variant with the mean and spread over seeds: the area under the curve (the mean team
+return over all evaluations, i.e. the normalised AUC), the final team return, the environment steps per agent at
+which the team mean, and at which the team's first agent, first reach the solved threshold, the share of the last
+half's evaluations whose team mean is at or above it (does the team stay solved), and the transfer bytes each agent
+sent.
 """
 from __future__ import annotations
 
@@ -30,8 +34,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ltcr.envs import ENVIRONMENTS  # noqa: E402
 from ltcr.logs import read_metrics  # noqa: E402
 
-CONFIG_OF = {"CartPole-v1": "cartpole", "Acrobot-v1": "acrobot", "MountainCar-v0": "mountaincar",
-             "LunarLander-v3": "lunarlander"}
+RECIPES = {  # recipe: the shipped config of each environment
+    "team": {"CartPole-v1": "cartpole", "Acrobot-v1": "acrobot", "MountainCar-v0": "mountaincar",
+             "LunarLander-v3": "lunarlander"},
+    "cleanrl": {"CartPole-v1": "cartpole_cleanrl", "Acrobot-v1": "acrobot_cleanrl"},
+}
+ENVS = sorted({env for configs in RECIPES.values() for env in configs})
 VARIANTS = {
     "independent": ["transfer.share_experience=false", "transfer.distill=false"],
     "sharing": ["transfer.share_experience=true", "transfer.distill=false"],
@@ -58,53 +66,88 @@ def train(env: str, variant: str, seed: int, args: argparse.Namespace) -> None:
         print(f"skip (finished): {folder}", flush=True)
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.agents}",
-               "-m", "ltcr.cli", "--config", CONFIG_OF[env], "--resume", *VARIANTS[variant], *args.overrides,
+               "-m", "ltcr.cli", "--config", RECIPES[args.recipe][env], "--resume", *VARIANTS[variant], *args.overrides,
                f"seed={seed}", f"output_dir={folder}", f"train.steps={args.steps}", "train.progress=false"]
     print("run:", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
-def team_curve(folder: Path) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r["eval_return"])) for r in read_metrics(folder / "metrics.csv")
-            if r["agent"] == "team"]
+def curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Evaluation return against steps per agent, of each agent ("0", "1", ...) and of the team mean ("team")."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in read_metrics(folder / "metrics.csv"):
+        out.setdefault(r["agent"], []).append((int(r["step"]), float(r["eval_return"])))
+    return out
+
+
+def first_reaching(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    return next((step for step, value in curve if value >= threshold), None)
+
+
+def first_agent_reaching(run: dict[str, list[tuple[int, float]]], threshold: float) -> int | None:
+    """Steps per agent at which the team's first agent reached ``threshold`` (None: no agent did)."""
+    hits = [first_reaching(curve, threshold) for agent, curve in run.items() if agent != "team"]
+    return min((h for h in hits if h is not None), default=None)
+
+
+def sent_bytes(folder: Path) -> float:
+    """Transfer bytes each agent sent over the whole run (the team mean of the agents' totals)."""
+    team = [r for r in read_metrics(folder / "metrics.csv") if r["agent"] == "team" and r["bytes_total"]]
+    return float(team[-1]["bytes_total"]) if team else 0.0
 
 
 def summarize(env: str, args: argparse.Namespace) -> list[dict]:
     threshold = ENVIRONMENTS[env].solved
     rows = []
     for variant in VARIANTS:
-        curves = [team_curve(run_dir(args.out, env, variant, s)) for s in args.seeds
-                  if is_finished(run_dir(args.out, env, variant, s))]
-        if not curves:
+        folders = [run_dir(args.out, env, variant, s) for s in args.seeds]
+        folders = [f for f in folders if is_finished(f)]
+        if not folders:
             continue
-        aucs = [statistics.fmean(v for _, v in c) for c in curves]
-        finals = [c[-1][1] for c in curves]
-        hits = [next((step for step, v in c if v >= threshold), None) for c in curves]
-        reached = [h for h in hits if h is not None]
+        runs = [curves(f) for f in folders]
+        teams = [run["team"] for run in runs]
+        aucs = [statistics.fmean(v for _, v in c) for c in teams]
+        finals = [c[-1][1] for c in teams]
+        reached = [h for h in (first_reaching(c, threshold) for c in teams) if h is not None]
+        firsts = [h for h in (first_agent_reaching(run, threshold) for run in runs) if h is not None]
+        held = [statistics.fmean(v >= threshold for _, v in c[len(c) // 2:]) for c in teams]
+        sent = [sent_bytes(f) for f in folders]
         rows.append({
-            "env": env, "variant": variant, "seeds": len(curves), "steps_per_agent": curves[0][-1][0],
+            "env": env, "variant": variant, "seeds": len(teams), "steps_per_agent": teams[0][-1][0],
             "auc_mean": statistics.fmean(aucs), "auc_std": _std(aucs),
             "final_mean": statistics.fmean(finals), "final_std": _std(finals),
             "solved_threshold": threshold, "seeds_solved": len(reached),
             "steps_to_solved_mean": statistics.fmean(reached) if reached else "",
-            "curves": curves})
+            "steps_to_solved_std": _std(reached) if reached else "",
+            "first_agent_seeds": len(firsts), "first_agent_steps_mean": statistics.fmean(firsts) if firsts else "",
+            "first_agent_steps_std": _std(firsts) if firsts else "",
+            "last_half_solved_mean": statistics.fmean(held), "last_half_solved_std": _std(held),
+            "bytes_per_agent_mean": statistics.fmean(sent), "bytes_per_agent_std": _std(sent),
+            "curves": teams})
     return rows
 
 
 def write_report(rows: list[dict], out: Path) -> None:
     columns = ["env", "variant", "seeds", "steps_per_agent", "auc_mean", "auc_std", "final_mean", "final_std",
-               "solved_threshold", "seeds_solved", "steps_to_solved_mean"]
+               "solved_threshold", "seeds_solved", "steps_to_solved_mean", "steps_to_solved_std", "first_agent_seeds",
+               "first_agent_steps_mean", "first_agent_steps_std", "last_half_solved_mean", "last_half_solved_std",
+               "bytes_per_agent_mean", "bytes_per_agent_std"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| env | variant | seeds | steps/agent | AUC (mean team return) | final team return | "
-             "seeds reaching threshold | steps to threshold (mean of those) |", "|" + "---|" * 8]
+             "team mean reaches threshold: seeds, steps | first agent reaches it: seeds, steps | "
+             "last half at threshold | MB sent per agent |", "|" + "---|" * 10]
     for r in rows:
-        solved = f"{r['steps_to_solved_mean']:.0f}" if r["seeds_solved"] else "not reached"
         lines.append(f"| {r['env']} | {r['variant']} | {r['seeds']} | {r['steps_per_agent']} | "
                      f"{r['auc_mean']:.1f} +- {r['auc_std']:.1f} | {r['final_mean']:.1f} +- {r['final_std']:.1f} | "
-                     f"{r['seeds_solved']}/{r['seeds']} (>= {r['solved_threshold']:g}) | {solved} |")
+                     f"{r['seeds_solved']}/{r['seeds']} (>= {r['solved_threshold']:g}), "
+                     f"{_steps(r['steps_to_solved_mean'], r['steps_to_solved_std'])} | "
+                     f"{r['first_agent_seeds']}/{r['seeds']}, "
+                     f"{_steps(r['first_agent_steps_mean'], r['first_agent_steps_std'])} | "
+                     f"{r['last_half_solved_mean']:.2f} +- {r['last_half_solved_std']:.2f} | "
+                     f"{r['bytes_per_agent_mean'] / 1e6:.2f} +- {r['bytes_per_agent_std'] / 1e6:.2f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     envs = sorted({r["env"] for r in rows})
@@ -130,9 +173,16 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def main() -> None:
+def _steps(mean: float | str, std: float | str) -> str:
+    return f"{mean:,.0f} +- {std:,.0f}" if mean != "" else "not reached"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", action="append", choices=sorted(CONFIG_OF), required=True)
+    parser.add_argument("--env", action="append", choices=ENVS, required=True)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="team",
+                        help="the shipped configs: 'team' (heterogeneous 4-agent teams) or 'cleanrl' (CleanRL's "
+                             "c51.py settings, CartPole and Acrobot)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--agents", type=int, default=4)
@@ -140,14 +190,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ltcr_compare"))
     parser.add_argument("--report-only", action="store_true", help="summarise finished runs, train nothing")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run (ltcr-train syntax)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    missing = [env for env in args.env if env not in RECIPES[args.recipe]]
+    if missing:
+        parser.error(f"--recipe {args.recipe} has no config for {', '.join(missing)}; "
+                     f"it has {', '.join(RECIPES[args.recipe])}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if not args.report_only:
         for env in args.env:
             for seed in args.seeds:  # seed-major: an early stop still leaves every variant with equal seeds
                 for variant in args.variants:
                     train(env, variant, seed, args)
     args.out.mkdir(parents=True, exist_ok=True)  # the report covers every environment run so far under --out
-    reported = [env for env in CONFIG_OF if env in args.env or (args.out / env).is_dir()]
+    reported = [env for env in ENVS if env in args.env or (args.out / env).is_dir()]
     write_report([row for env in reported for row in summarize(env, args)], args.out)
 
 
