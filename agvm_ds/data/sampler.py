@@ -126,13 +126,16 @@ class ShardedEvalSampler(Sampler[int]):
     differ by at most one image, so ranks may run one batch more or less than others; that is
     fine for data-parallel inference but not for ZeRO-3, where every forward is a collective:
     there pass ``even=True``, which pads short shards by repeating their last index (index 0 on
-    a rank with none); :class:`~agvm_ds.evaluation.CocoEvaluator` drops repeated image ids.
+    a rank with none, an image another rank owns). The shard's own indices come first: ``owned``
+    counts them, and an evaluation drops the outputs past it, so no image counts twice, whatever
+    its evaluator does with repeated ids.
     """
 
     def __init__(self, num_samples: int, rank: int, world_size: int, even: bool = False) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.indices = list(range(rank, num_samples, world_size))
+        self.owned = len(self.indices)
         if even and num_samples > 0:
             per_rank = math.ceil(num_samples / world_size)
             pad = self.indices[-1] if self.indices else 0

@@ -246,9 +246,13 @@ class Trainer:
         evaluator = build_evaluator(self.spec.task, self.datasets.val, self.iou_types)
         self.engine.eval()
         device = self.engine.device
-        for images, targets in tqdm(val_loader(self.datasets, self.config.data, self.rank, self.world, even),
-                                    desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True):
-            evaluator.update(self.engine([image.to(device, self.dtype) for image in images]), targets)
+        loader = val_loader(self.datasets, self.config.data, self.rank, self.world, even)
+        owned = loader.batch_sampler.sampler.owned  # past it, ZeRO-3's padding: forwards whose outputs are dropped
+        for images, targets in tqdm(loader, desc="eval", disable=not self.is_main, leave=False, dynamic_ncols=True):
+            outputs = self.engine([image.to(device, self.dtype) for image in images])
+            if owned > 0:
+                evaluator.update(outputs[:owned], targets[:owned])
+            owned -= len(targets)
         self.engine.train()
         metrics = evaluator.evaluate(self.run_dir / "eval")
         it = self.engine.global_steps

@@ -131,12 +131,18 @@ def test_a_short_training_learns_far_above_the_untrained_model(task, floor, tmp_
 @pytest.mark.parametrize("task", ["semantic", "panoptic"])
 def test_zero3_bf16_autocast_with_activation_checkpointing_trains_and_evaluates(task, tmp_path):
     """The segmenters under the 1B configuration's settings: parameters partitioned across the ranks (every
-    forward gathers them), bf16 autocast, activation checkpointing of the backbone."""
+    forward gathers them), bf16 autocast, activation checkpointing of the backbone. One validation image for two
+    ranks: rank 1 runs its forwards on rank 0's image (ZeRO-3's lockstep) and must not count it."""
     run = tmp_path / "run"
     output = train(task, run, tmp_path / "data", "deepspeed=zero3_bf16", "model_overrides.checkpointing=true",
-                   "train.max_iters=1")
+                   "train.max_iters=1", "data.synthetic_val=1")
     assert "ZeRO stage 3, autocast torch.bfloat16" in output
     records = read_records(run / "train_log.jsonl")
     assert len(records) == 1 and all(math.isfinite(r["loss"]) for r in records)
     kind, metric = METRIC[task]
     assert 0 <= read_records(run / "eval_log.jsonl")[-1][kind][metric] <= 1
+    if task == "semantic":  # the labelled pixels the run counted are those of the one image, counted once
+        assert evaluate.main([str(run), "--out", str(tmp_path / "eval")]) == 0
+        counted, once = ([c["target_pixels"] for c in json.loads((path / "semantic_per_class.json").read_text())
+                          ["classes"]] for path in (run / "eval", tmp_path / "eval"))
+        assert sum(once) > 0 and counted == once

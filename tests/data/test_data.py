@@ -532,6 +532,10 @@ def test_eval_shards_cover_every_image_exactly_once(num_samples, world_size):
     even = [list(ShardedEvalSampler(num_samples, r, world_size, even=True)) for r in range(world_size)]
     assert len({len(s) for s in even}) == 1  # equal batch counts, for ZeRO-3 inference
     assert {i for s in even for i in s} == set(range(num_samples))
+    # the owned heads of the padded shards are the unpadded shards: dropping the rest counts each image once,
+    # also when a rank owns none and pads with an image of rank 0
+    owned = [ShardedEvalSampler(num_samples, r, world_size, even=True) for r in range(world_size)]
+    assert [s.indices[:s.owned] for s in owned] == shards
 
 
 def test_eval_loader_is_ordered_sharded_and_unpadded():
