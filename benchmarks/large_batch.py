@@ -16,7 +16,8 @@ LAMB+AGVM, ``lamb_agvm``), all for the same number of epochs, as the paper compa
 A run is finished when its ``sweep_result.json`` exists; an interrupted sweep started again skips
 those and continues a partial run with ``--resume auto``. Results: ``runs.md``/``runs.csv`` (each
 run), ``summary.md``/``summary.csv`` (mean and spread over seeds), ``agvm.md``/``agvm.csv`` (each
-AGVM run's phi and lr factor per module), ``ap_by_epoch.png`` and ``ap_by_batch.png``. Before
+AGVM run's phi and lr factor per module), ``ap_by_epoch.png``, ``ap_by_batch.png`` and
+``agvm_factors.png`` (each AGVM run's factors and loss against the step). Before
 starting it prints the optimizer steps of every run, and refuses a data set that gives fewer than
 ``--min-steps`` at 16B.
 
@@ -280,7 +281,37 @@ def plot(results: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], o
     fig.tight_layout()
     fig.savefig(out / "ap_by_batch.png", dpi=120)
     plt.close(fig)
-    return [out / "ap_by_epoch.png", out / "ap_by_batch.png"]
+    return [out / "ap_by_epoch.png", out / "ap_by_batch.png", *plot_factors(results, out, plt)]
+
+
+def plot_factors(results: Sequence[dict[str, Any]], out: Path, plt: Any) -> list[Path]:
+    """Each AGVM run's lr factor per module against the step, beside its loss (log scale, grey): what AGVM did
+    before, during and after a loss spike. A cross marks a logged step where the divergence guard held the module."""
+    runs = [r for r in results if OPTIMIZERS[r["optimizer"]].agvm]
+    if not runs:
+        return []
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.8 * len(runs)), squeeze=False)
+    for ax, result in zip(axes[:, 0], runs):
+        records = read_records(out / "runs" / result["run"] / TRAIN_FILE)
+        measured = [r for r in records if "agvm" in r]
+        for i, module in enumerate(measured[-1]["agvm"] if measured else ()):
+            steps = [r["iteration"] for r in measured]
+            ax.plot(steps, [r["agvm"][module]["factor"] for r in measured], color=f"C{i}", label=module)
+            held = [(r["iteration"], r["agvm"][module]["factor"]) for r in measured if r["agvm"][module].get("held")]
+            if held:
+                ax.plot(*zip(*held), "x", color=f"C{i}", ms=5)
+        ax.set_ylabel("lr factor")
+        ax.set_title(f"{result['run']}: final AP {result['AP']:.3f}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        loss = ax.twinx()
+        loss.semilogy([r["iteration"] for r in records], [r["loss"] for r in records], color="grey", lw=0.8)
+        loss.set_ylabel("loss", color="grey")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "agvm_factors.png", dpi=120)
+    plt.close(fig)
+    return [out / "agvm_factors.png"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -197,7 +197,7 @@ def test_smoke_sweep_collects_ap_and_skips_finished_runs_when_started_again(tmp_
     assert {(r["run"], r["module"]) for r in _rows(tmp_path / "agvm.csv")} == {
         (run, module) for run in ("b2_sgd_agvm_s0", "b32_sgd_agvm_s0")
         for module in ("backbone", "fpn", "rpn", "roi_box_head")}
-    assert (tmp_path / "ap_by_epoch.png").is_file() and (tmp_path / "ap_by_batch.png").is_file()
+    assert all((tmp_path / name).is_file() for name in ("ap_by_epoch.png", "ap_by_batch.png", "agvm_factors.png"))
 
     # variance_by_batch --run measures a run's newest complete checkpoint: its merged fp32 weights
     trained = TrainedRun.open(tmp_path / "runs/b2_sgd_agvm_s0")
