@@ -1,8 +1,9 @@
 """Accuracy at 16x the batch: SGD, AdamW and LAMB with and without AGVM, at base batch B and 16B.
 
 Runs ``agvm-train`` once per (batch, optimizer, seed) over {B, 16B} x {SGD, SGD+AGVM, AdamW,
-AdamW+AGVM, LAMB} (``--optimizers`` adds SGD+AGVM with the divergence guard, ``sgd_agvm_guard``, and
-LAMB+AGVM, ``lamb_agvm``), all for the same number of epochs, as the paper compares them:
+AdamW+AGVM, LAMB} (``--optimizers`` adds SGD+AGVM with the divergence guard holding a module's factor,
+``sgd_agvm_guard``, or also bringing it down to at most 1, ``sgd_agvm_fallback``, and LAMB+AGVM,
+``lamb_agvm``), all for the same number of epochs, as the paper compares them:
 
 - lr: ``--lr`` per optimizer at batch B, scaled to the run's batch linearly (SGD) or by the square
   root (AdamW, LAMB) through ``optimizer.lr_scaling``;
@@ -34,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
@@ -52,23 +54,24 @@ RESULT = "sweep_result.json"
 
 
 class Variant(NamedTuple):
-    """An optimizer of the sweep: the base optimizer, whether AGVM (and its divergence guard) wraps it,
-    and how its lr scales with the batch."""
+    """An optimizer of the sweep: the base optimizer, whether AGVM wraps it, the action of AGVM's divergence
+    guard (``agvm.guard_action``; None: no guard), and how its lr scales with the batch."""
 
     optimizer: str
     agvm: bool
-    guard: bool
+    guard: Optional[str]
     scaling: str
 
 
 OPTIMIZERS = {
-    "sgd": Variant("sgd", False, False, "linear"),
-    "sgd_agvm": Variant("sgd", True, False, "linear"),
-    "sgd_agvm_guard": Variant("sgd", True, True, "linear"),
-    "adamw": Variant("adamw", False, False, "sqrt"),
-    "adamw_agvm": Variant("adamw", True, False, "sqrt"),
-    "lamb": Variant("lamb", False, False, "sqrt"),
-    "lamb_agvm": Variant("lamb", True, False, "sqrt"),
+    "sgd": Variant("sgd", False, None, "linear"),
+    "sgd_agvm": Variant("sgd", True, None, "linear"),
+    "sgd_agvm_guard": Variant("sgd", True, "hold", "linear"),
+    "sgd_agvm_fallback": Variant("sgd", True, "fallback", "linear"),
+    "adamw": Variant("adamw", False, None, "sqrt"),
+    "adamw_agvm": Variant("adamw", True, None, "sqrt"),
+    "lamb": Variant("lamb", False, None, "sqrt"),
+    "lamb_agvm": Variant("lamb", True, None, "sqrt"),
 }
 PAPER_OPTIMIZERS = ["sgd", "sgd_agvm", "adamw", "adamw_agvm", "lamb"]  # the default grid
 DEFAULT_LR = {"sgd": 0.02, "adamw": 1e-3, "lamb": 4e-3}  # at batch B = 16; untuned for the synthetic set
@@ -123,9 +126,10 @@ def plan(base_batch: int, scale: int, optimizers: Sequence[str], seeds_large: in
                     f"train.gradient_accumulation_steps={accumulation}",
                     f"optimizer.name={name}", f"optimizer.lr={lr[name]}", f"optimizer.base_batch_size={base_batch}",
                     f"optimizer.lr_scaling={scaling}", f"schedule.warmup_iters={warmup}",
-                    f"agvm.enabled={str(agvm).lower()}", f"agvm.guard={str(guard).lower()}",
+                    f"agvm.enabled={str(agvm).lower()}", f"agvm.guard={str(guard is not None).lower()}",
                     f"agvm.start_iter={start or 0}",
                     f"agvm.precondition={str(name == 'adamw').lower()}",
+                    *([f"agvm.guard_action={guard}"] if guard else []),
                 )
                 runs.append(Run(batch, optimizer, seed, steps, overrides, peak, warmup, start))
     return runs
@@ -157,13 +161,14 @@ def steps_per_run(config: ExperimentConfig, batches: Sequence[int], ranks: int) 
     return steps
 
 
-def command(run: Run, args: argparse.Namespace, run_dir: Path) -> list[str]:
-    """The agvm-train command of ``run``; a run that started before continues from its last checkpoint."""
+def command(run: Run, args: argparse.Namespace, run_dir: Path, port: int) -> list[str]:
+    """The agvm-train command of ``run``; a run that started before continues from its last checkpoint.
+    ``port``: the deepspeed launcher's master port, one per run so that runs side by side do not collide."""
     train = ["--config", args.config, *args.overrides, *run.overrides, f"output_dir={run_dir}"]
     if run_dir.exists():
         train = ["--resume", "auto", *train]
     if args.launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
+        return ["deepspeed", "--num_gpus", str(args.ranks), "--master_port", str(port),
                 "--module", "agvm_ds.commands.train", *train]
     return [sys.executable, "-m", "agvm_ds.commands.train", *train]
 
@@ -185,27 +190,36 @@ def result_of(run: Run, run_dir: Path, diverged: bool = False) -> dict[str, Any]
 
 
 def sweep(runs: Sequence[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Trains every run without a result (continuing partial ones); returns all results."""
-    results = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Trains every run without a result (continuing partial ones), ``args.jobs`` side by side; returns all
+    results. A failed run stops nothing else: the runs beside it finish, then the failures are raised together."""
+    pending = [(index, run) for index, run in enumerate(runs, 1)
+               if not (Path(args.out) / "runs" / run.name / RESULT).is_file()]
     for index, run in enumerate(runs, 1):
-        run_dir = Path(args.out) / "runs" / run.name
-        if (run_dir / RESULT).is_file():
+        if (index, run) not in pending:
             print(f"[{index}/{len(runs)}] {run.name}: finished earlier, skipped", flush=True)
-        else:
-            cmd = command(run, args, run_dir)
-            print(f"[{index}/{len(runs)}] {run.name}: {' '.join(cmd)}", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "sweep_stdout.log", "a", encoding="utf-8") as log:
-                code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-            if code not in (0, EXIT_DIVERGED):
-                raise RuntimeError(f"{run.name} failed (exit {code}); its output is in {run_dir / 'sweep_stdout.log'}. "
-                                   "Start the sweep again to continue it from its last checkpoint")
-            if code == EXIT_DIVERGED:
-                print(f"[{index}/{len(runs)}] {run.name}: diverged (see {run_dir / 'sweep_stdout.log'})", flush=True)
-            (run_dir / RESULT).write_text(json.dumps(result_of(run, run_dir, code == EXIT_DIVERGED), indent=1))
-        results.append(json.loads((run_dir / RESULT).read_text()))
-    return results
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        failures = [error for error in pool.map(lambda item: _train(*item, len(runs), args), pending) if error]
+    if failures:
+        raise RuntimeError("; ".join(failures) + ". Start the sweep again to continue from the last checkpoints")
+    return [json.loads((Path(args.out) / "runs" / run.name / RESULT).read_text()) for run in runs]
+
+
+def _train(index: int, run: Run, total: int, args: argparse.Namespace) -> Optional[str]:
+    """Trains one run to its ``sweep_result.json``; the failure's description, or None."""
+    run_dir = Path(args.out) / "runs" / run.name
+    cmd = command(run, args, run_dir, port=args.master_port + index)
+    print(f"[{index}/{total}] {run.name}: {' '.join(cmd)}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "sweep_stdout.log", "a", encoding="utf-8") as log:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code not in (0, EXIT_DIVERGED):
+        return f"{run.name} failed (exit {code}); its output is in {run_dir / 'sweep_stdout.log'}"
+    if code == EXIT_DIVERGED:
+        print(f"[{index}/{total}] {run.name}: diverged (see {run_dir / 'sweep_stdout.log'})", flush=True)
+    (run_dir / RESULT).write_text(json.dumps(result_of(run, run_dir, code == EXIT_DIVERGED), indent=1))
+    print(f"[{index}/{total}] {run.name}: finished", flush=True)
+    return None
 
 
 def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -332,7 +346,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, default=1, help="ranks per run (GPUs, or CPU processes)")
     parser.add_argument("--launcher", choices=("process", "deepspeed"), default="process",
                         help="'process': one agvm-train process (--ranks 1); 'deepspeed': the deepspeed launcher")
-    parser.add_argument("--master-port", type=int, default=29517)
+    parser.add_argument("--master-port", type=int, default=29517, help="the first run's; run i uses this + i")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained side by side (on one GPU, or one CPU core each with OMP_NUM_THREADS=1)")
     parser.add_argument("--min-steps", type=int, default=300, help="refuse a data set with fewer steps at 16B")
     parser.add_argument("--out", default="runs/large_batch")
     parser.add_argument("--smoke", action="store_true",

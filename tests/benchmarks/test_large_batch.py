@@ -111,8 +111,8 @@ def test_plan_scales_lr_and_warmup_with_the_batch_and_starts_agvm_after_warmup()
     runs = large_batch.plan(16, 16, list(large_batch.OPTIMIZERS), 2, LR, {16: 4800, 256: 300}, ranks=1, per_rank=4,
                             warmup_fraction=1 / 8)
     by_name = {run.name: run for run in runs}
-    # 7 optimizers at B and at 16B, a second seed for every 16B run
-    assert len(runs) == 7 + 2 * 7 and {"b256_sgd_s1", "b256_lamb_agvm_s1"} <= set(by_name)
+    # 8 optimizers at B and at 16B, a second seed for every 16B run
+    assert len(runs) == 8 + 2 * 8 and {"b256_sgd_s1", "b256_lamb_agvm_s1"} <= set(by_name)
     assert "b16_sgd_s1" not in by_name
     assert by_name["b256_sgd_s0"].peak_lr == pytest.approx(0.32)  # linear
     assert by_name["b256_adamw_agvm_s0"].peak_lr == pytest.approx(4e-3)  # sqrt(16) x 1e-3
@@ -125,7 +125,9 @@ def test_plan_scales_lr_and_warmup_with_the_batch_and_starts_agvm_after_warmup()
         assert config.data.batch_size_per_rank * config.train.gradient_accumulation_steps == run.batch
         assert peak_lr(config.optimizer, run.batch) == pytest.approx(run.peak_lr)  # the trainer's own rule
         assert config.agvm.enabled == ("_agvm" in run.optimizer)
-        assert config.agvm.guard == run.optimizer.endswith("_guard")
+        guard = large_batch.OPTIMIZERS[run.optimizer].guard
+        assert config.agvm.guard == run.optimizer.endswith(("_guard", "_fallback"))
+        assert config.agvm.guard_action == (guard or "hold")
         assert config.agvm.precondition == (config.optimizer.name == "adamw")
 
 
@@ -176,18 +178,26 @@ def test_a_diverged_run_is_a_result_without_final_ap_and_the_summary_counts_it(t
 def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path):
     args = large_batch.parse_args(["--out", str(tmp_path)])
     run = large_batch.plan(16, 16, ["sgd"], 1, LR, {16: 10, 256: 1}, 1, 4, 1 / 8)[0]
-    assert "--resume" not in large_batch.command(run, args, tmp_path / "fresh")
+    assert "--resume" not in large_batch.command(run, args, tmp_path / "fresh", port=29600)
     (tmp_path / "started").mkdir()
-    assert large_batch.command(run, args, tmp_path / "started")[3:5] == ["--resume", "auto"]
+    assert large_batch.command(run, args, tmp_path / "started", port=29600)[3:5] == ["--resume", "auto"]
+
+
+def test_runs_side_by_side_get_their_own_master_port():
+    args = large_batch.parse_args(["--launcher", "deepspeed", "--ranks", "2", "--jobs", "2"])
+    run = large_batch.plan(16, 16, ["sgd"], 1, LR, {16: 10, 256: 1}, 2, 4, 1 / 8)[0]
+    ports = {large_batch.command(run, args, Path("x"), port=args.master_port + i)[4] for i in (1, 2)}
+    assert ports == {"29518", "29519"}
 
 
 @pytest.mark.slow
 def test_smoke_sweep_collects_ap_and_skips_finished_runs_when_started_again(tmp_path):
     command = [sys.executable, "benchmarks/large_batch.py", "--smoke", "--optimizers", "sgd_agvm",
-               "--seeds-large", "1", "--out", str(tmp_path)]
+               "--seeds-large", "1", "--jobs", "2", "--out", str(tmp_path)]  # both runs side by side
     first = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "optimizer steps per run: batch 2: 1, batch 32: 1" in first.stdout
+    assert first.stdout.count(": finished\n") == 2
     runs = _rows(tmp_path / "runs.csv")
     assert [(r["run"], r["steps"]) for r in runs] == [("b2_sgd_agvm_s0", "1"), ("b32_sgd_agvm_s0", "1")]
     assert all(0.0 <= float(r["AP"]) <= 1.0 for r in runs)
