@@ -161,6 +161,11 @@ def steps_per_run(config: ExperimentConfig, batches: Sequence[int], ranks: int) 
     return steps
 
 
+def run_folder(out: str | Path, name: str) -> Path:
+    """Where the sweep in ``out`` keeps the run called ``name``."""
+    return Path(out) / "runs" / name
+
+
 def command(run: Run, args: argparse.Namespace, run_dir: Path, port: int) -> list[str]:
     """The agvm-train command of ``run``; a run that started before continues from its last checkpoint.
     ``port``: the deepspeed launcher's master port, one per run so that runs side by side do not collide."""
@@ -192,32 +197,33 @@ def result_of(run: Run, run_dir: Path, diverged: bool = False) -> dict[str, Any]
 def sweep(runs: Sequence[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Trains every run without a result (continuing partial ones), ``args.jobs`` side by side; returns all
     results. A failed run stops nothing else: the runs beside it finish, then the failures are raised together."""
-    pending = [(index, run) for index, run in enumerate(runs, 1)
-               if not (Path(args.out) / "runs" / run.name / RESULT).is_file()]
+    pending = []
     for index, run in enumerate(runs, 1):
-        if (index, run) not in pending:
+        if (run_folder(args.out, run.name) / RESULT).is_file():
             print(f"[{index}/{len(runs)}] {run.name}: finished earlier, skipped", flush=True)
+        else:
+            pending.append((index, run))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         failures = [error for error in pool.map(lambda item: _train(*item, len(runs), args), pending) if error]
     if failures:
         raise RuntimeError("; ".join(failures) + ". Start the sweep again to continue from the last checkpoints")
-    return [json.loads((Path(args.out) / "runs" / run.name / RESULT).read_text()) for run in runs]
+    return [json.loads((run_folder(args.out, run.name) / RESULT).read_text()) for run in runs]
 
 
 def _train(index: int, run: Run, total: int, args: argparse.Namespace) -> Optional[str]:
     """Trains one run to its ``sweep_result.json``; the failure's description, or None."""
-    run_dir = Path(args.out) / "runs" / run.name
-    cmd = command(run, args, run_dir, port=args.master_port + index)
+    folder = run_folder(args.out, run.name)
+    cmd = command(run, args, folder, port=args.master_port + index)
     print(f"[{index}/{total}] {run.name}: {' '.join(cmd)}", flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "sweep_stdout.log", "a", encoding="utf-8") as log:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sweep_stdout.log", "a", encoding="utf-8") as log:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code not in (0, EXIT_DIVERGED):
-        return f"{run.name} failed (exit {code}); its output is in {run_dir / 'sweep_stdout.log'}"
+        return f"{run.name} failed (exit {code}); its output is in {folder / 'sweep_stdout.log'}"
     if code == EXIT_DIVERGED:
-        print(f"[{index}/{total}] {run.name}: diverged (see {run_dir / 'sweep_stdout.log'})", flush=True)
-    (run_dir / RESULT).write_text(json.dumps(result_of(run, run_dir, code == EXIT_DIVERGED), indent=1))
+        print(f"[{index}/{total}] {run.name}: diverged (see {folder / 'sweep_stdout.log'})", flush=True)
+    (folder / RESULT).write_text(json.dumps(result_of(run, folder, code == EXIT_DIVERGED), indent=1))
     print(f"[{index}/{total}] {run.name}: finished", flush=True)
     return None
 
@@ -243,7 +249,7 @@ def agvm_rows(results: Sequence[dict[str, Any]], out: Path) -> list[dict[str, An
     for result in results:
         if not OPTIMIZERS[result["optimizer"]].agvm:
             continue
-        records = [r["agvm"] for r in read_records(out / "runs" / result["run"] / TRAIN_FILE) if "agvm" in r]
+        records = [r["agvm"] for r in read_records(run_folder(out, result["run"]) / TRAIN_FILE) if "agvm" in r]
         for module in records[-1] if records else ():
             phis = [r[module]["phi"] for r in records if math.isfinite(r[module]["phi"])]  # NaN: not measured yet
             factors = [r[module]["factor"] for r in records]
@@ -306,7 +312,7 @@ def plot_factors(results: Sequence[dict[str, Any]], out: Path, plt: Any) -> list
         return []
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.8 * len(runs)), squeeze=False)
     for ax, result in zip(axes[:, 0], runs):
-        records = read_records(out / "runs" / result["run"] / TRAIN_FILE)
+        records = read_records(run_folder(out, result["run"]) / TRAIN_FILE)
         measured = [r for r in records if "agvm" in r]
         for i, module in enumerate(measured[-1]["agvm"] if measured else ()):
             steps = [r["iteration"] for r in measured]
@@ -358,6 +364,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.launcher == "process" and args.ranks != 1:
         parser.error("--ranks > 1 needs --launcher deepspeed")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: at least 1 run at a time")
     if args.smoke:
         args.base_batch, args.min_steps = 2, 1
         args.overrides = [*SMOKE_OVERRIDES, f"data.root={Path(args.out) / 'data'}", *args.overrides]
