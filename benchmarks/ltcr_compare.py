@@ -13,8 +13,10 @@ returns of every environment under ``<out>`` are gathered into ``<out>/results.m
 ``<out>/team_return.png``, per variant with the mean and spread over seeds: the area under the curve (the mean team
 return over all evaluations, i.e. the normalised AUC), the final team return, the environment steps per agent at
 which the team mean, and at which the team's first agent, first reach the solved threshold, the share of the last
-half's evaluations whose team mean is at or above it (does the team stay solved), and the transfer bytes each agent
-sent.
+half's evaluations whose team mean is at or above it (does the team stay solved), the transfer bytes each agent
+sent, and, for distilling teams, the share of states taught by the team's best and by its worst agent (whom the
+teacher rule picks). ``--variants ltcr-return`` adds our variant of the protocol: full LTCR with the teacher chosen
+by recent episode return instead of by the entropy of its distribution.
 """
 from __future__ import annotations
 
@@ -44,8 +46,12 @@ VARIANTS = {
     "independent": ["transfer.share_experience=false", "transfer.distill=false"],
     "sharing": ["transfer.share_experience=true", "transfer.distill=false"],
     "distillation": ["transfer.share_experience=false", "transfer.distill=true"],
-    "ltcr": ["transfer.share_experience=true", "transfer.distill=true"],
+    "ltcr": ["transfer.share_experience=true", "transfer.distill=true", "transfer.teacher=confidence"],
+    # ours: the teacher chosen by evidence of competence (best recent episode return), not by how peaked its
+    # distribution is; not run unless asked for with --variants
+    "ltcr-return": ["transfer.share_experience=true", "transfer.distill=true", "transfer.teacher=return"],
 }
+DEFAULT_VARIANTS = ["independent", "sharing", "distillation", "ltcr"]
 
 
 def run_dir(out: Path, env: str, variant: str, seed: int) -> Path:
@@ -90,6 +96,23 @@ def first_agent_reaching(run: dict[str, list[tuple[int, float]]], threshold: flo
     return min((h for h in hits if h is not None), default=None)
 
 
+def teacher_shares(folder: Path) -> tuple[float, float] | None:
+    """Mean share of the round's states taught by the team's best and by its worst agent (by greedy return at the
+    evaluation that closes the rounds), over the evaluations whose agents' returns differ; None without the log
+    of a distilling team. With 4 agents, 0.25 each is a teacher rule blind to how good the agents are."""
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for r in read_metrics(folder / "metrics.csv"):
+        if r["agent"] != "team" and r.get("taught_share"):
+            rows.setdefault(r["step"], []).append((float(r["eval_return"]), float(r["taught_share"])))
+    best, worst = [], []
+    for agents in rows.values():
+        returns = [value for value, _ in agents]
+        if max(returns) > min(returns):
+            best.append(statistics.fmean(share for value, share in agents if value == max(returns)))
+            worst.append(statistics.fmean(share for value, share in agents if value == min(returns)))
+    return (statistics.fmean(best), statistics.fmean(worst)) if best else None
+
+
 def sent_bytes(folder: Path) -> float:
     """Transfer bytes each agent sent over the whole run (the team mean of the agents' totals)."""
     team = [r for r in read_metrics(folder / "metrics.csv") if r["agent"] == "team" and r["bytes_total"]]
@@ -112,6 +135,7 @@ def summarize(env: str, args: argparse.Namespace) -> list[dict]:
         firsts = [h for h in (first_agent_reaching(run, threshold) for run in runs) if h is not None]
         held = [statistics.fmean(v >= threshold for _, v in c[len(c) // 2:]) for c in teams]
         sent = [sent_bytes(f) for f in folders]
+        shares = [t for t in (teacher_shares(f) for f in folders) if t is not None]
         rows.append({
             "env": env, "variant": variant, "seeds": len(teams), "steps_per_agent": teams[0][-1][0],
             "auc_mean": statistics.fmean(aucs), "auc_std": _std(aucs),
@@ -123,6 +147,8 @@ def summarize(env: str, args: argparse.Namespace) -> list[dict]:
             "first_agent_steps_std": _std(firsts) if firsts else "",
             "last_half_solved_mean": statistics.fmean(held), "last_half_solved_std": _std(held),
             "bytes_per_agent_mean": statistics.fmean(sent), "bytes_per_agent_std": _std(sent),
+            "best_agent_taught": statistics.fmean(b for b, _ in shares) if shares else "",
+            "worst_agent_taught": statistics.fmean(w for _, w in shares) if shares else "",
             "curves": teams})
     return rows
 
@@ -131,14 +157,15 @@ def write_report(rows: list[dict], out: Path) -> None:
     columns = ["env", "variant", "seeds", "steps_per_agent", "auc_mean", "auc_std", "final_mean", "final_std",
                "solved_threshold", "seeds_solved", "steps_to_solved_mean", "steps_to_solved_std", "first_agent_seeds",
                "first_agent_steps_mean", "first_agent_steps_std", "last_half_solved_mean", "last_half_solved_std",
-               "bytes_per_agent_mean", "bytes_per_agent_std"]
+               "bytes_per_agent_mean", "bytes_per_agent_std", "best_agent_taught", "worst_agent_taught"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| env | variant | seeds | steps/agent | AUC (mean team return) | final team return | "
              "team mean reaches threshold: seeds, steps | first agent reaches it: seeds, steps | "
-             "last half at threshold | MB sent per agent |", "|" + "---|" * 10]
+             "last half at threshold | MB sent per agent | share taught by the best / worst agent |",
+             "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['env']} | {r['variant']} | {r['seeds']} | {r['steps_per_agent']} | "
                      f"{r['auc_mean']:.1f} +- {r['auc_std']:.1f} | {r['final_mean']:.1f} +- {r['final_std']:.1f} | "
@@ -147,7 +174,8 @@ def write_report(rows: list[dict], out: Path) -> None:
                      f"{r['first_agent_seeds']}/{r['seeds']}, "
                      f"{_steps(r['first_agent_steps_mean'], r['first_agent_steps_std'])} | "
                      f"{r['last_half_solved_mean']:.2f} +- {r['last_half_solved_std']:.2f} | "
-                     f"{r['bytes_per_agent_mean'] / 1e6:.2f} +- {r['bytes_per_agent_std'] / 1e6:.2f} |")
+                     f"{r['bytes_per_agent_mean'] / 1e6:.2f} +- {r['bytes_per_agent_std'] / 1e6:.2f} | "
+                     f"{_shares(r['best_agent_taught'], r['worst_agent_taught'])} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     envs = sorted({r["env"] for r in rows})
@@ -173,6 +201,10 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _shares(best: float | str, worst: float | str) -> str:
+    return f"{best:.2f} / {worst:.2f}" if best != "" else "-"
+
+
 def _steps(mean: float | str, std: float | str) -> str:
     return f"{mean:,.0f} +- {std:,.0f}" if mean != "" else "not reached"
 
@@ -184,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the shipped configs: 'team' (heterogeneous 4-agent teams) or 'cleanrl' (CleanRL's "
                              "c51.py settings, CartPole and Acrobot)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20_000, help="environment steps per agent")
     parser.add_argument("--out", type=Path, default=Path("runs/ltcr_compare"))

@@ -16,8 +16,11 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 __all__ = ["METRICS", "RunLog", "plot_run", "read_metrics"]
 
 # Per agent, per evaluation: greedy evaluation return, mean of the last 10 training episodes, mean distillation
-# loss since the last evaluation, bytes sent in the last round and in total, exploration rate.
-METRICS = ("eval_return", "train_return", "distill_loss", "bytes_per_round", "bytes_total", "epsilon")
+# loss since the last evaluation, bytes sent in the last round and in total, exploration rate, and the share of
+# each round's shared states this agent taught its peers (mean over the rounds since the last evaluation; the
+# agents' shares sum to 1 while no teacher is trimmed), which shows whom the teacher rule picks.
+METRICS = ("eval_return", "train_return", "distill_loss", "bytes_per_round", "bytes_total", "epsilon",
+           "taught_share")
 FIELDS = ("step", "agent") + METRICS
 
 
@@ -58,12 +61,13 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def plot_run(output_dir: Path) -> list[Path]:
-    """learning_curve.png (per-agent and team evaluation return) and transfer.png (distillation loss, bytes)."""
+    """learning_curve.png (per-agent and team evaluation return) and transfer.png (distillation loss, bytes, share
+    of states taught)."""
     rows = read_metrics(output_dir / "metrics.csv")
     agents = sorted({r["agent"] for r in rows}, key=lambda a: (a == "team", a))
     written = []
     for name, panels in (("learning_curve.png", ("eval_return", "train_return")),
-                         ("transfer.png", ("distill_loss", "bytes_per_round"))):
+                         ("transfer.png", ("distill_loss", "bytes_per_round", "taught_share"))):
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
         for ax, metric in zip(axes, panels):
             for agent in agents:

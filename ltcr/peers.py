@@ -14,6 +14,9 @@ import torch.distributed as dist
 
 __all__ = ["PeerGroup", "init_peers"]
 
+# torch >= 2.14 renames all_gather_into_tensor (same arguments) and warns on every call of the old name
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def init_peers(device: str) -> "PeerGroup":
     """Joins (or forms) the process group and returns this rank's view of it."""
@@ -63,7 +66,7 @@ class PeerGroup:
         if self.world_size == 1:
             return tensor[None]
         out = torch.empty(self.world_size * tensor.numel(), dtype=tensor.dtype, device=self.device)
-        dist.all_gather_into_tensor(out, tensor.flatten())
+        _ALL_GATHER(out, tensor.flatten())
         return out.view(self.world_size, *tensor.shape)
 
     def barrier(self) -> None:

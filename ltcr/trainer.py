@@ -45,7 +45,8 @@ class Trainer:
         self.transfer_starts = max(config.agent_for(r).learning_starts for r in range(world_size))
         self.step = 0
         self.recent_returns: deque[float] = deque(maxlen=RECENT_EPISODES)
-        self.window = {"distill_loss": 0.0, "distill_steps": 0, "bytes_per_round": math.nan}
+        self.window = {"distill_loss": 0.0, "distill_steps": 0, "bytes_per_round": math.nan, "taught": 0.0,
+                       "rounds": 0}
         resume_step = self._load_latest() if resume else None
         self.log = None
         if rank == 0:
@@ -67,6 +68,8 @@ class Trainer:
             if self.protocol and self.step >= self.transfer_starts and self.step % config.transfer.interval == 0:
                 report = self.protocol.run_round(agent, self._recent_return())
                 self.window["bytes_per_round"] = report.bytes_sent
+                self.window["taught"] += report.states_taught / (self.peers.world_size * config.transfer.batch)
+                self.window["rounds"] += 1
             if self.step % config.train.eval_interval == 0 or self.step == config.train.steps:
                 team_return = self._evaluate_and_log()
                 bar.set_postfix(team_return=f"{team_return:.1f}", eps=f"{agent.epsilon(self.step):.2f}")
@@ -98,13 +101,15 @@ class Trainer:
     def _evaluate_and_log(self) -> float:
         """Greedy evaluation of every agent; rank 0 logs the table. Returns the team mean evaluation return."""
         window, rank = self.window, self.peers.rank
+        taught = window["taught"] / window["rounds"] if window["rounds"] and self.config.transfer.distill else math.nan
         eval_return = evaluate_batched(self.eval_envs, self.agent.greedy_actions, self.config.seed, rank, 2, self.step)
         values = [eval_return, self._recent_return() if self.recent_returns else math.nan,
                   window["distill_loss"] / window["distill_steps"] if window["distill_steps"] else math.nan,
-                  window["bytes_per_round"], float(self.peers.bytes_sent), self.agent.epsilon(self.step)]
+                  window["bytes_per_round"], float(self.peers.bytes_sent), self.agent.epsilon(self.step),
+                  taught]
         assert len(values) == len(METRICS)
         table = self.peers.gather_metrics(values).cpu().tolist()
-        window.update(distill_loss=0.0, distill_steps=0)
+        window.update(distill_loss=0.0, distill_steps=0, taught=0.0, rounds=0)
         if self.log is not None:
             self.log.write(self.step, table)
         return sum(row[0] for row in table) / len(table)

@@ -13,11 +13,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import ltcr_compare  # noqa: E402
 
-FIELDS = ["step", "agent", "eval_return", "train_return", "distill_loss", "bytes_per_round", "bytes_total", "epsilon"]
+FIELDS = ["step", "agent", "eval_return", "train_return", "distill_loss", "bytes_per_round", "bytes_total", "epsilon",
+          "taught_share"]
 
 
-def _fake_run(folder: Path, steps: int, agents: list[list[float]], bytes_total: float) -> None:
-    """A finished run's files: ``agents[a][k]`` is agent a's return at evaluation k (every 100 steps)."""
+def _fake_run(folder: Path, steps: int, agents: list[list[float]], bytes_total: float,
+              taught: list[list[float]] | None = None) -> None:
+    """A finished run's files: ``agents[a][k]`` is agent a's return at evaluation k (every 100 steps), ``taught[a][k]``
+    its share of the states taught in the rounds before it."""
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "latest").write_text(f"step_{steps:09d}")
     (folder / "config.yaml").write_text(yaml.safe_dump({"train": {"steps": steps}}))
@@ -27,8 +30,8 @@ def _fake_run(folder: Path, steps: int, agents: list[list[float]], bytes_total: 
         for k, values in enumerate(zip(*agents)):
             step = 100 * (k + 1)
             for agent, value in enumerate(values):
-                writer.writerow([step, agent, value, "", "", "", bytes_total, ""])
-            writer.writerow([step, "team", sum(values) / len(values), "", "", "", bytes_total, ""])
+                writer.writerow([step, agent, value, "", "", "", bytes_total, "", taught[agent][k] if taught else ""])
+            writer.writerow([step, "team", sum(values) / len(values), "", "", "", bytes_total, "", ""])
 
 
 def test_report_counts_the_team_and_its_first_agent_reaching_the_threshold(tmp_path):
@@ -45,6 +48,19 @@ def test_report_counts_the_team_and_its_first_agent_reaching_the_threshold(tmp_p
     assert row["last_half_solved_mean"] == pytest.approx(0.5)  # seed 0: 2 of 2, seed 1: 0 of 2
     assert row["bytes_per_agent_mean"] == pytest.approx(3e6)
     assert row["final_mean"] == pytest.approx((500 + 287.5) / 2)
+
+
+def test_report_shows_whom_the_teacher_rule_picks(tmp_path):
+    out = tmp_path / "cmp"
+    # evaluation 1: agent 1 is best and taught 0.9; evaluation 2: tie (skipped); evaluation 3: agent 0 best, taught 0.3
+    _fake_run(out / "CartPole-v1/ltcr/seed0", 300, [[100, 500, 500], [200, 500, 400]], 1e6,
+              taught=[[0.1, 0.5, 0.3], [0.9, 0.5, 0.7]])
+    _fake_run(out / "CartPole-v1/independent/seed0", 300, [[100, 500, 500], [200, 500, 400]], 0)
+    args = ltcr_compare.parse_args(["--env", "CartPole-v1", "--seeds", "0", "--out", str(out), "--report-only"])
+    rows = {r["variant"]: r for r in ltcr_compare.summarize("CartPole-v1", args)}
+    assert rows["ltcr"]["best_agent_taught"] == pytest.approx((0.9 + 0.3) / 2)
+    assert rows["ltcr"]["worst_agent_taught"] == pytest.approx((0.1 + 0.7) / 2)
+    assert rows["independent"]["best_agent_taught"] == ""
 
 
 def test_a_recipe_without_a_config_for_the_environment_is_refused(capsys):

@@ -57,6 +57,11 @@ def test_run_killed_and_resumed_ends_equal_to_an_uninterrupted_one(tmp_path):
     assert [int(r["step"]) for r in straight_rows if r["agent"] == "team"] == list(range(150, STEPS + 1, 150))
     assert resumed_rows == straight_rows
     assert float(straight_rows[-1]["bytes_total"]) > 0 and straight_rows[-1]["distill_loss"]
+    shares = {}  # the agents' shares of the states taught add up to 1 at every evaluation with rounds (no trimming)
+    for r in straight_rows:
+        if r["agent"] != "team" and r["taught_share"]:
+            shares.setdefault(r["step"], []).append(float(r["taught_share"]))
+    assert len(shares) >= 4 and all(len(s) == 2 and sum(s) == pytest.approx(1.0) for s in shares.values())
     for rank in (0, 1):
         a = torch.load(straight_dir / "checkpoints" / f"step_{STEPS:09d}" / f"rank{rank}.pt", weights_only=False)
         b = torch.load(killed_dir / "checkpoints" / f"step_{STEPS:09d}" / f"rank{rank}.pt", weights_only=False)
