@@ -14,9 +14,10 @@ returns of every environment under ``<out>`` are gathered into ``<out>/results.m
 return over all evaluations, i.e. the normalised AUC), the final team return, the environment steps per agent at
 which the team mean, and at which the team's first agent, first reach the solved threshold, the share of the last
 half's evaluations whose team mean is at or above it (does the team stay solved), the transfer bytes each agent
-sent, and, for distilling teams, the share of states taught by the team's best and by its worst agent (whom the
-teacher rule picks). ``--variants ltcr-return`` adds our variant of the protocol: full LTCR with the teacher chosen
-by recent episode return instead of by the entropy of its distribution.
+sent, for distilling teams the share of states taught by the team's best and by its worst agent (whom the teacher
+rule picks), and the entropy and expected value of the agents' greedy-action distributions at the end.
+``--variants ltcr-return`` adds our variant of the protocol: full LTCR with the teacher chosen by recent episode
+return instead of by the entropy of its distribution.
 """
 from __future__ import annotations
 
@@ -27,12 +28,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import matplotlib
+import numpy as np
+import torch
 import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ltcr.agent import C51Agent  # noqa: E402
+from ltcr.config import load_config  # noqa: E402
 from ltcr.envs import ENVIRONMENTS  # noqa: E402
 from ltcr.logs import read_metrics  # noqa: E402
 
@@ -52,6 +58,7 @@ VARIANTS = {
     "ltcr-return": ["transfer.share_experience=true", "transfer.distill=true", "transfer.teacher=return"],
 }
 DEFAULT_VARIANTS = ["independent", "sharing", "distillation", "ltcr"]
+PROBE_STATES = 512
 
 
 def run_dir(out: Path, env: str, variant: str, seed: int) -> Path:
@@ -113,6 +120,29 @@ def teacher_shares(folder: Path) -> tuple[float, float] | None:
     return (statistics.fmean(best), statistics.fmean(worst)) if best else None
 
 
+def final_outlook(folder: Path) -> tuple[float, float] | None:
+    """What the confidence rule reads (entropy) beside what it should care about (expected return): the mean over
+    the agents, at the run's last checkpoint, of the entropy and of the expected value of each agent's greedy-action
+    distribution on ``PROBE_STATES`` states drawn from its own replay buffer; None without agent checkpoints."""
+    checkpoint = folder / "checkpoints" / (folder / "checkpoints" / "latest").read_text().strip()
+    ranks = sorted(checkpoint.glob("rank*.pt"))
+    if not ranks:
+        return None
+    config = load_config(folder / "config.yaml")
+    env = gym.make(config.env)
+    obs_dim, n_actions = int(np.prod(env.observation_space.shape)), int(env.action_space.n)
+    entropies, values = [], []
+    for path in ranks:
+        agent = C51Agent(config.agent_for(int(path.stem.removeprefix("rank"))), obs_dim, n_actions, *config.support,
+                         seed=0, device=torch.device("cpu"))
+        agent.load_state_dict(torch.load(path, weights_only=False)["agent"])
+        states = agent.replay.gather(np.random.default_rng(0).integers(len(agent.replay), size=PROBE_STATES)).obs
+        outlook = agent.outlook(torch.as_tensor(states))
+        entropies.append(outlook.entropy.mean().item())
+        values.append((outlook.probs @ agent.online.support).mean().item())
+    return statistics.fmean(entropies), statistics.fmean(values)
+
+
 def sent_bytes(folder: Path) -> float:
     """Transfer bytes each agent sent over the whole run (the team mean of the agents' totals)."""
     team = [r for r in read_metrics(folder / "metrics.csv") if r["agent"] == "team" and r["bytes_total"]]
@@ -136,6 +166,8 @@ def summarize(env: str, args: argparse.Namespace) -> list[dict]:
         held = [statistics.fmean(v >= threshold for _, v in c[len(c) // 2:]) for c in teams]
         sent = [sent_bytes(f) for f in folders]
         shares = [t for t in (teacher_shares(f) for f in folders) if t is not None]
+        outlooks = [o for o in (final_outlook(f) for f in folders) if o is not None]
+        entropies, values = [e for e, _ in outlooks], [v for _, v in outlooks]
         rows.append({
             "env": env, "variant": variant, "seeds": len(teams), "steps_per_agent": teams[0][-1][0],
             "auc_mean": statistics.fmean(aucs), "auc_std": _std(aucs),
@@ -149,6 +181,8 @@ def summarize(env: str, args: argparse.Namespace) -> list[dict]:
             "bytes_per_agent_mean": statistics.fmean(sent), "bytes_per_agent_std": _std(sent),
             "best_agent_taught": statistics.fmean(b for b, _ in shares) if shares else "",
             "worst_agent_taught": statistics.fmean(w for _, w in shares) if shares else "",
+            "entropy_end_mean": statistics.fmean(entropies) if outlooks else "", "entropy_end_std": _std(entropies),
+            "value_end_mean": statistics.fmean(values) if outlooks else "", "value_end_std": _std(values),
             "curves": teams})
     return rows
 
@@ -157,15 +191,16 @@ def write_report(rows: list[dict], out: Path) -> None:
     columns = ["env", "variant", "seeds", "steps_per_agent", "auc_mean", "auc_std", "final_mean", "final_std",
                "solved_threshold", "seeds_solved", "steps_to_solved_mean", "steps_to_solved_std", "first_agent_seeds",
                "first_agent_steps_mean", "first_agent_steps_std", "last_half_solved_mean", "last_half_solved_std",
-               "bytes_per_agent_mean", "bytes_per_agent_std", "best_agent_taught", "worst_agent_taught"]
+               "bytes_per_agent_mean", "bytes_per_agent_std", "best_agent_taught", "worst_agent_taught",
+               "entropy_end_mean", "entropy_end_std", "value_end_mean", "value_end_std"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| env | variant | seeds | steps/agent | AUC (mean team return) | final team return | "
              "team mean reaches threshold: seeds, steps | first agent reaches it: seeds, steps | "
-             "last half at threshold | MB sent per agent | share taught by the best / worst agent |",
-             "|" + "---|" * 11]
+             "last half at threshold | MB sent per agent | share taught by the best / worst agent | "
+             "greedy-action distribution at the end: entropy (nats), expected value |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['env']} | {r['variant']} | {r['seeds']} | {r['steps_per_agent']} | "
                      f"{r['auc_mean']:.1f} +- {r['auc_std']:.1f} | {r['final_mean']:.1f} +- {r['final_std']:.1f} | "
@@ -175,7 +210,8 @@ def write_report(rows: list[dict], out: Path) -> None:
                      f"{_steps(r['first_agent_steps_mean'], r['first_agent_steps_std'])} | "
                      f"{r['last_half_solved_mean']:.2f} +- {r['last_half_solved_std']:.2f} | "
                      f"{r['bytes_per_agent_mean'] / 1e6:.2f} +- {r['bytes_per_agent_std'] / 1e6:.2f} | "
-                     f"{_shares(r['best_agent_taught'], r['worst_agent_taught'])} |")
+                     f"{_shares(r['best_agent_taught'], r['worst_agent_taught'])} | "
+                     f"{_outlook(r)} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     envs = sorted({r["env"] for r in rows})
@@ -199,6 +235,13 @@ def write_report(rows: list[dict], out: Path) -> None:
 
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _outlook(row: dict) -> str:
+    if row["entropy_end_mean"] == "":
+        return "-"
+    return (f"{row['entropy_end_mean']:.2f} +- {row['entropy_end_std']:.2f}, "
+            f"{row['value_end_mean']:.1f} +- {row['value_end_std']:.1f}")
 
 
 def _shares(best: float | str, worst: float | str) -> str:

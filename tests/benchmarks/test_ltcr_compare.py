@@ -3,6 +3,7 @@ agent, staying solved, bytes) on hand-written logs, and one real 2-agent compari
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_a_real_comparison_trains_the_cleanrl_recipe_reports_and_skips_finished_
     rows = {r["variant"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert set(rows) == {"independent", "ltcr"} and rows["ltcr"]["steps_per_agent"] == "300"
     assert float(rows["independent"]["bytes_per_agent_mean"]) == 0 < float(rows["ltcr"]["bytes_per_agent_mean"])
+    for row in rows.values():  # the agents' final greedy-action distributions, read back from their checkpoints
+        assert 0 < float(row["entropy_end_mean"]) < math.log(101) and -100 <= float(row["value_end_mean"]) <= 100
     assert (out / "team_return.png").is_file()
     capsys.readouterr()
     ltcr_compare.main(argv)
