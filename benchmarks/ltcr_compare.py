@@ -28,7 +28,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
 import matplotlib
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ltcr.agent import C51Agent  # noqa: E402
 from ltcr.config import load_config  # noqa: E402
-from ltcr.envs import ENVIRONMENTS  # noqa: E402
+from ltcr.envs import ENVIRONMENTS, Episodes  # noqa: E402
 from ltcr.logs import read_metrics  # noqa: E402
 
 RECIPES = {  # recipe: the shipped config of each environment
@@ -129,8 +128,8 @@ def final_outlook(folder: Path) -> tuple[float, float] | None:
     if not ranks:
         return None
     config = load_config(folder / "config.yaml")
-    env = gym.make(config.env)
-    obs_dim, n_actions = int(np.prod(env.observation_space.shape)), int(env.action_space.n)
+    spaces = Episodes(config.env, config.seed, 0)
+    obs_dim, n_actions = spaces.obs_dim, spaces.n_actions
     entropies, values = [], []
     for path in ranks:
         agent = C51Agent(config.agent_for(int(path.stem.removeprefix("rank"))), obs_dim, n_actions, *config.support,
